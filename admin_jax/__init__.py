@@ -1,0 +1,1 @@
+"""admin-jax: deep Post-LN Transformers for translation that train stably, via Admin initialisation."""

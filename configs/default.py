@@ -1,0 +1,90 @@
+"""Transformer-base on WMT14 En-De with Admin: the defaults every other config starts from.
+
+Each config file exposes `get_config(arg)`; keys are locked, so a mistyped
+`--config.a.b=v` override is refused before any work starts.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.residual = 'admin'  # post_ln | pre_ln | admin | admin_logn | deepnorm
+  model.num_encoder_layers = 6
+  model.num_decoder_layers = 6
+  model.d_model = 512
+  model.ffn_dim = 2048
+  model.num_heads = 8
+  model.dropout = 0.1  # on embeddings and on every branch output before the residual add
+  model.attention_dropout = 0.1
+  model.activation_dropout = 0.1  # after the ReLU of the FFN
+  model.share_embeddings = True
+  model.dtype = 'bfloat16'  # compute dtype; parameters, softmax, LayerNorm, omega and loss stay float32
+  model.scan_layers = True
+  model.remat = 'none'  # none | full | dots (save matmul outputs, recompute the rest)
+  model.fused_attention = False  # jax.nn.dot_product_attention (cuDNN flash attention on GPU)
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = 'tfds'  # synthetic | text | tfds
+  data.src_lang = 'en'
+  data.tgt_lang = 'de'
+  data.train = 'train'  # path prefix for `text`, split name for `tfds`
+  data.valid = 'validation'
+  data.test = 'test'
+  data.tfds_name = 'wmt14_translate/de-en'
+  data.tfds_data_dir = ''  # '' = TFDS default
+  data.vocab_size = 32000
+  data.spm_model_type = 'bpe'  # bpe | unigram
+  data.spm_model = ''  # an existing SentencePiece model; '' = train one into the workdir
+  data.spm_max_sentences = 2_000_000  # sentences sampled from the training data to fit SentencePiece
+  data.max_len = 256  # tokens per packed row and per sentence; longer pairs are dropped and counted
+  data.tokens_per_batch = 32768  # global token budget per optimizer micro-batch (fairseq --max-tokens x GPUs)
+  data.eval_batch_size = 64  # sentences per eval/translate batch
+  data.prefetch = 2
+  data.synthetic_train_size = 20000
+  data.synthetic_eval_size = 500
+  data.lowercase = False  # IWSLT14 is scored lowercased
+  data.pretokenized = False  # corpus already Moses-tokenized and BPE'd (fairseq style, `@@ ` joins)
+
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 500_000
+  train.optimizer = 'radam'  # radam | adam | adamw
+  train.lr = 1e-3
+  train.warmup_init_lr = 1e-7
+  train.warmup_steps = 8000
+  train.b1 = 0.9
+  train.b2 = 0.98
+  train.eps = 1e-8
+  train.weight_decay = 0.0
+  train.clip_norm = 0.0  # 0 = no clipping, as the paper
+  train.label_smoothing = 0.1
+  train.grad_accum = 1
+  train.seed = 1111
+  train.log_every_steps = 100
+  train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
+
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 5000
+  checkpoint.keep = 10
+
+  config.eval = eval_config = ml_collections.ConfigDict()
+  eval_config.every_steps = 5000
+  eval_config.beam_size = 4
+  eval_config.length_penalty = 0.6
+  eval_config.max_len_a = 1.2  # decode at most a * source_length + b tokens
+  eval_config.max_len_b = 10
+  eval_config.max_sentences = 0  # 0 = the whole valid set for in-training BLEU
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+
+  config.admin = admin = ml_collections.ConfigDict()
+  admin.profile_path = ''  # omega.json or profile.ratio.init to reuse instead of profiling
+  admin.mask_padding = False  # exclude padding from the profiling variances (deviation from the reference)
+
+  return config
