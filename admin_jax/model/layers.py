@@ -1,0 +1,111 @@
+"""Building blocks initialised as the reference fairseq fork does (spec section 3)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from admin_jax.sharding import LogicalAxes
+from admin_jax.sharding import constrain
+
+LN_EPS = 1e-5  # fairseq/apex; Flax's default 1e-6 changes Post-LN numerics measurably
+POSITION_OFFSET = 2  # fairseq positions start at padding_idx + 1 = 2
+
+
+def param(init, key: jax.Array, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
+  """A float32 parameter carrying its logical axis names for the sharding rules."""
+  return nnx.Param(init(key, shape, jnp.float32), logical_axes=tuple(axes))
+
+
+def uniform(bound: float):
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def normal(std: float):
+  return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def xavier_bound(fan_in: int, fan_out: int) -> float:
+  return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with statistics in float32 and eps 1e-5; returns float32."""
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+    self.scale = param(ones, rngs.params(), (d_model,), ('norm',))
+    self.bias = param(zeros, rngs.params(), (d_model,), ('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...] + self.bias[...]
+
+
+class Embedding(nnx.Module):
+  """Token embedding N(0, d^-0.5), scaled by sqrt(d) on lookup; doubles as the output projection."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
+    table = normal(d_model ** -0.5)(rngs.params(), (vocab_size, d_model), jnp.float32)
+    self.table = nnx.Param(table.at[0].set(0.0), logical_axes=('vocab', 'embed'))  # row 0 = PAD
+    self.d_model = d_model
+
+  def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens, axis=0).astype(dtype) * jnp.asarray(math.sqrt(self.d_model), dtype)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x @ E^T, accumulated in float32: no bias, no scaling, as fairseq's shared softmax."""
+    table = self.table[...].astype(x.dtype)
+    return jnp.einsum('bld,vd->blv', x, table, preferred_element_type=jnp.float32)
+
+
+def sinusoidal_positions(positions: jax.Array, segments: jax.Array, d_model: int) -> jax.Array:
+  """fairseq's sinusoid: concat[sin, cos] (not interleaved), `half - 1` in the frequency
+  denominator, positions offset by 2, zero vectors at padding (segment 0)."""
+  half = d_model // 2
+  freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  angle = (positions + POSITION_OFFSET).astype(jnp.float32)[..., None] * freq
+  emb = jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+  return jnp.where((segments > 0)[..., None], emb, 0.0)
+
+
+class FeedForward(nnx.Module):
+  """fc1 -> ReLU -> dropout -> fc2, xavier-uniform weights (or xavier-normal x gain for DeepNorm)."""
+
+  def __init__(self, d_model: int, ffn_dim: int, *, gain: float | None, rngs: nnx.Rngs):
+    def init(fan_in, fan_out):
+      if gain is None:
+        return uniform(xavier_bound(fan_in, fan_out))
+      return normal(gain * math.sqrt(2.0 / (fan_in + fan_out)))
+
+    self.fc1 = param(init(d_model, ffn_dim), rngs.params(), (d_model, ffn_dim), ('embed', 'mlp'))
+    self.fc1_bias = param(zeros, rngs.params(), (ffn_dim,), ('mlp',))
+    self.fc2 = param(init(ffn_dim, d_model), rngs.params(), (ffn_dim, d_model), ('mlp', 'embed'))
+    self.fc2_bias = param(zeros, rngs.params(), (d_model,), ('embed',))
+
+  def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> jax.Array:
+    dtype = x.dtype
+    h = jnp.einsum('bld,df->blf', x, self.fc1[...].astype(dtype)) + self.fc1_bias[...].astype(dtype)
+    h = constrain(jax.nn.relu(h), ('batch', 'length', 'mlp'))
+    h = dropout(h, activation_dropout, rng)
+    return jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)) + self.fc2_bias[...].astype(dtype)

@@ -1,0 +1,110 @@
+"""The residual connection of every sublayer: where Post-LN, Pre-LN, Admin and DeepNorm differ.
+
+    post_ln     x_i = LN(x_{i-1} + f_i(x_{i-1}))
+    pre_ln      x_i = x_{i-1} + f_i(LN(x_{i-1}))            (+ one final LN per stack)
+    admin       x_i = LN(omega_i * x_{i-1} + f_i(x_{i-1}))   omega_i profiled, trainable
+    admin_logn  the same with omega_i = sqrt((N+1)/ln(N+1) - 1) for all N sublayers of a stack
+    deepnorm    x_i = LN(alpha * x_{i-1} + f_i(x_{i-1}))     alpha fixed, branch init scaled by beta
+
+f_i already includes the dropout on the branch output; the shortcut is never dropped out.
+omega multiplies the shortcut, not the branch (spec 1.1), and is one float32 vector of length
+d_model per sublayer, so it can be folded into the LayerNorm after training.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from admin_jax.model import layers
+
+RESIDUALS = ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm')
+ADMIN_RESIDUALS = ('admin', 'admin_logn')
+ENCODER_SUBLAYERS_PER_LAYER = 2  # self-attention, FFN
+DECODER_SUBLAYERS_PER_LAYER = 3  # self-attention, cross-attention, FFN
+
+
+def logn_omega(num_sublayers: int) -> float:
+  """admin-torch's profiling-free omega, chosen so the output change grows as O(log N)."""
+  n = num_sublayers
+  return math.sqrt((n + 1) / math.log(n + 1) - 1)
+
+
+class DeepNormConstants(NamedTuple):
+  encoder_alpha: float
+  encoder_beta: float
+  decoder_alpha: float
+  decoder_beta: float
+
+
+def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int) -> DeepNormConstants:
+  """The encoder-decoder row of DeepNet's table, as Transformer-Clinic's `deepnet` init (spec 9)."""
+  n, m = num_encoder_layers, num_decoder_layers
+  return DeepNormConstants(
+      encoder_alpha=0.81 * (n ** 4 * m) ** (1 / 16),
+      encoder_beta=0.87 * (n ** 4 * m) ** (-1 / 16),
+      decoder_alpha=(3 * m) ** 0.25,
+      decoder_beta=(12 * m) ** -0.25)
+
+
+class Profile(NamedTuple):
+  """State of the omega profiling recurrence, carried through one stack (spec 2.2).
+
+  `r` is the running scalar that becomes the next sublayer's omega; `mask` ([batch, length],
+  or None to pool every element of the padded tensor like the reference) selects the positions
+  whose variance counts.
+  """
+  r: jax.Array
+  mask: jax.Array | None
+
+
+def _variance(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Population variance of all elements in float32, optionally over unmasked positions only."""
+  x = x.astype(jnp.float32)
+  if mask is None:
+    return jnp.var(x)
+  weight = jnp.broadcast_to(mask[..., None].astype(jnp.float32), x.shape)
+  count = jnp.maximum(weight.sum(), 1.0)
+  mean = (x * weight).sum() / count
+  return (jnp.square(x - mean) * weight).sum() / count
+
+
+class Residual(nnx.Module):
+  """The shortcut and normalisation around one sublayer's branch."""
+
+  def __init__(self, kind: str, d_model: int, *, shortcut: float = 1.0, rngs: nnx.Rngs):
+    if kind not in RESIDUALS:
+      raise ValueError(f'unknown residual {kind!r}; expected one of {RESIDUALS}')
+    self.kind = kind
+    self.norm = layers.LayerNorm(d_model, rngs=rngs)
+    if kind in ADMIN_RESIDUALS:
+      self.omega = nnx.Param(jnp.full((d_model,), shortcut, jnp.float32), logical_axes=('norm',))
+    else:
+      self.shortcut = shortcut
+
+  def branch_input(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """What the branch f_i reads: LN(x) for Pre-LN, x itself for every Post-LN form."""
+    return (self.norm(x) if self.kind == 'pre_ln' else x).astype(dtype)
+
+  def __call__(self, x: jax.Array, branch: jax.Array,
+               profile: Profile | None = None) -> tuple[jax.Array, Profile | None]:
+    """Adds the branch output to the shortcut; returns the new stream (float32) and profile state.
+
+    While profiling, omega_k := r is used at once in this same pass and then
+    r := sqrt(Var[omega_k * x_{k-1}] + Var[f_k]) (spec 2.2).
+    """
+    x = x.astype(jnp.float32)
+    branch = branch.astype(jnp.float32)
+    if self.kind == 'pre_ln':
+      return x + branch, profile
+    if profile is not None:
+      shortcut = profile.r * x
+      r = jnp.sqrt(_variance(shortcut, profile.mask) + _variance(branch, profile.mask))
+      profile = Profile(r, profile.mask)
+    elif self.kind in ADMIN_RESIDUALS:
+      shortcut = self.omega[...] * x
+    else:
+      shortcut = self.shortcut * x
+    return self.norm(shortcut + branch), profile

@@ -1,0 +1,342 @@
+"""The encoder-decoder Transformer: layers, scanned stacks, encode, decode and cached decoding.
+
+Dropout is driven by explicit PRNG keys (`rng=None` means deterministic), so that training,
+the profiling pass and analysis can replay exactly the same masks.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+
+from admin_jax.model import layers
+from admin_jax.model.attention import Attention
+from admin_jax.model.attention import KVCache
+from admin_jax.model.attention import attend
+from admin_jax.model.config import TransformerConfig
+from admin_jax.model.residual import ADMIN_RESIDUALS
+from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
+from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER
+from admin_jax.model.residual import Profile
+from admin_jax.model.residual import Residual
+from admin_jax.model.residual import deepnorm_constants
+from admin_jax.model.residual import logn_omega
+from admin_jax.sharding import constrain
+from admin_jax.special_tokens import EOS_ID
+
+
+def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def attention_mask(query_segments: jax.Array, key_segments: jax.Array, causal: bool = False) -> jax.Array:
+  """[batch, 1, q, k]: a query sees keys of its own packed segment (and, if causal, not later ones)."""
+  mask = (query_segments[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0)
+  if causal:
+    q, k = query_segments.shape[1], key_segments.shape[1]
+    mask &= jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+  return mask[:, None]
+
+
+def decoder_inputs(targets: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
+  """fairseq's prev_output_tokens for packed rows: shifted right per segment, EOS as BOS."""
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  return jnp.where(positions == 0, EOS_ID, shifted) * (segments > 0)
+
+
+class EncoderLayer(nnx.Module):
+  """Self-attention and FFN sublayers, each wrapped in its residual."""
+
+  def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
+    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None,
+               profile: Profile | None) -> tuple[jax.Array, Profile | None, list[Any]]:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    attn_rng, attn_out_rng, act_rng, ffn_out_rng = _split(rng, 4)
+    omegas = []
+
+    omegas.append(profile and profile.r)
+    h = self.self_attention_residual.branch_input(x, dtype)
+    f = self.self_attention(h, h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng)
+    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, attn_out_rng), profile)
+
+    omegas.append(profile and profile.r)
+    h = self.ffn_residual.branch_input(x, dtype)
+    f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
+    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile)
+    return x, profile, omegas
+
+
+class DecoderLayer(nnx.Module):
+  """Causal self-attention, cross-attention over the encoder output, and FFN."""
+
+  def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
+    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.cfg = cfg
+
+  def _cross_and_ffn(self, x, memory_kv: KVCache, cross_mask, rngs, profile, omegas):
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    attn_rng, attn_out_rng, act_rng, ffn_out_rng = rngs
+    omegas.append(profile and profile.r)
+    h = self.cross_attention_residual.branch_input(x, dtype)
+    context = self.cross_attention.output(attend(self.cross_attention.query(h), memory_kv.key, memory_kv.value,
+                                                 cross_mask, dropout_rate=cfg.attention_dropout, rng=attn_rng))
+    x, profile = self.cross_attention_residual(x, layers.dropout(context, cfg.dropout, attn_out_rng), profile)
+
+    omegas.append(profile and profile.r)
+    h = self.ffn_residual.branch_input(x, dtype)
+    f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
+    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile)
+    return x, profile
+
+  def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, cross_mask: jax.Array,
+               rng: jax.Array | None, profile: Profile | None) -> tuple[jax.Array, Profile | None, list[Any]]:
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    rngs = _split(rng, 6)
+    omegas = [profile and profile.r]
+    h = self.self_attention_residual.branch_input(x, dtype)
+    f = self.self_attention(h, h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
+    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, rngs[1]), profile)
+    x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(dtype)), cross_mask,
+                                     rngs[2:], profile, omegas)
+    return x, profile, omegas
+
+  def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross_mask: jax.Array,
+                  index: jax.Array) -> tuple[jax.Array, KVCache]:
+    dtype = self.cfg.compute_dtype
+    h = self.self_attention_residual.branch_input(x, dtype)
+    f, cache = self.self_attention.cached_self_attention(h, cache, index)
+    x, _ = self.self_attention_residual(x, f)
+    x, _ = self._cross_and_ffn(x, memory_kv, cross_mask, [None] * 4, None, [])
+    return x, cache
+
+
+class LayerStack(nnx.Module):
+  """N identical layers whose parameters are stacked on a leading 'layers' axis.
+
+  With `scan` the stack runs as one `lax.scan`, so compile time stays nearly flat in depth;
+  otherwise a Python loop applies the same per-layer weights (used to check the scan).
+  """
+
+  def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
+               scan: bool, remat: str, rngs: nnx.Rngs):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return make_layer(nnx.Rngs(params=key))
+
+    self.layers = make(jax.random.split(rngs.params(), num_layers))
+    for _, variable in nnx.iter_graph(self.layers):
+      if isinstance(variable, nnx.Variable) and 'logical_axes' in variable.get_metadata():
+        variable.set_metadata(logical_axes=('layers',) + tuple(variable.get_metadata()['logical_axes']))
+    self.num_layers = num_layers
+    self.scan = scan
+    self.remat = remat
+
+  def apply(self, step: Callable, carry: Any, per_layer: Any = None) -> tuple[Any, Any]:
+    """Runs `step(layer, carry, per_layer_slice) -> (carry, output)` over the layers in order."""
+    graphdef, params = nnx.split(self.layers)
+
+    def body(carry, xs):
+      layer_params, layer_xs = xs
+      return step(nnx.merge(graphdef, layer_params), carry, layer_xs)
+
+    if self.remat != 'none':
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == 'dots' else None)
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
+    if self.scan:
+      return jax.lax.scan(body, carry, (params, per_layer))
+    outputs = []
+    for i in range(self.num_layers):
+      carry, out = body(carry, jax.tree.map(lambda a: a[i], (params, per_layer)))
+      outputs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if outputs[0] is not None else None
+
+
+class Transformer(nnx.Module):
+  """Encoder-decoder Transformer with the residual variant chosen by `cfg.residual`."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    enc_shortcut = dec_shortcut = 1.0
+    enc_gain = dec_gain = None
+    if cfg.residual == 'admin_logn':
+      enc_shortcut = logn_omega(ENCODER_SUBLAYERS_PER_LAYER * cfg.num_encoder_layers)
+      dec_shortcut = logn_omega(DECODER_SUBLAYERS_PER_LAYER * cfg.num_decoder_layers)
+    elif cfg.residual == 'deepnorm':
+      c = deepnorm_constants(cfg.num_encoder_layers, cfg.num_decoder_layers)
+      enc_shortcut, enc_gain, dec_shortcut, dec_gain = c.encoder_alpha, c.encoder_beta, c.decoder_alpha, c.decoder_beta
+
+    self.embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
+    if not cfg.share_embeddings:
+      self.decoder_embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
+      self.output_embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
+    self.encoder = LayerStack(lambda r: EncoderLayer(cfg, shortcut=enc_shortcut, gain=enc_gain, rngs=r),
+                              cfg.num_encoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    self.decoder = LayerStack(lambda r: DecoderLayer(cfg, shortcut=dec_shortcut, gain=dec_gain, rngs=r),
+                              cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+    if cfg.residual == 'pre_ln':
+      self.encoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
+      self.decoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
+
+  # -- embeddings ------------------------------------------------------------------------------
+
+  def _embed(self, table: layers.Embedding, tokens, positions, segments, rng) -> jax.Array:
+    """(sqrt(d) * E[token] + sinusoid) with dropout, in float32: the residual stream's dtype."""
+    x = table(tokens, jnp.float32) + layers.sinusoidal_positions(positions, segments, self.cfg.d_model)
+    return constrain(layers.dropout(x, self.cfg.dropout, rng), ('batch', 'length', 'embed'))
+
+  def _decoder_table(self) -> layers.Embedding:
+    return self.embedding if self.cfg.share_embeddings else self.decoder_embedding
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    if self.cfg.residual == 'pre_ln':
+      x = self.decoder_final_norm(x)
+    table = self.embedding if self.cfg.share_embeddings else self.output_embedding
+    return constrain(table.logits(x.astype(self.cfg.compute_dtype)), ('batch', 'length', 'vocab'))
+
+  # -- encoder and decoder ---------------------------------------------------------------------
+
+  def _profile_start(self, segments: jax.Array, profile: bool, mask_padding: bool) -> Profile | None:
+    if not profile:
+      return None
+    return Profile(jnp.ones((), jnp.float32), (segments > 0) if mask_padding else None)
+
+  def _encode(self, inputs, segments, positions, rng, profile: Profile | None):
+    emb_rng, layers_rng = _split(rng, 2)
+    x = self._embed(self.embedding, inputs, positions, segments, emb_rng)
+    mask = attention_mask(segments, segments)
+    keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_encoder_layers)
+
+    def step(layer, carry, key):
+      x, profile = carry
+      x, profile, omegas = layer(x, mask, key, profile)
+      return (x, profile), (jnp.stack(omegas) if profile is not None else None)
+
+    (x, _), omegas = self.encoder.apply(step, (x, profile), keys)
+    if self.cfg.residual == 'pre_ln':
+      x = self.encoder_final_norm(x)
+    return x, omegas
+
+  def _decode(self, targets_in, segments, positions, memory, memory_segments, rng, profile: Profile | None):
+    emb_rng, layers_rng = _split(rng, 2)
+    x = self._embed(self._decoder_table(), targets_in, positions, segments, emb_rng)
+    self_mask = attention_mask(segments, segments, causal=True)
+    cross_mask = attention_mask(segments, memory_segments)
+    keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_decoder_layers)
+
+    def step(layer, carry, key):
+      x, profile = carry
+      x, profile, omegas = layer(x, memory, self_mask, cross_mask, key, profile)
+      return (x, profile), (jnp.stack(omegas) if profile is not None else None)
+
+    (x, _), omegas = self.decoder.apply(step, (x, profile), keys)
+    return x, omegas
+
+  def encode(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array, *,
+             rng: jax.Array | None = None) -> jax.Array:
+    """Encoder output [batch, src_len, d_model], float32."""
+    return self._encode(inputs, segments, positions, rng, None)[0]
+
+  def decode(self, targets_in: jax.Array, segments: jax.Array, positions: jax.Array, memory: jax.Array,
+             memory_segments: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """Logits [batch, tgt_len, vocab] (float32) for teacher-forced decoder inputs."""
+    return self._logits(self._decode(targets_in, segments, positions, memory, memory_segments, rng, None)[0])
+
+  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced logits for a packed batch (the keys the input pipeline yields)."""
+    enc_rng, dec_rng = _split(rng, 2)
+    memory = self.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], rng=enc_rng)
+    targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
+    return self.decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+                       batch['inputs_segmentation'], rng=dec_rng)
+
+  # -- Admin profiling -------------------------------------------------------------------------
+
+  def profile_omegas(self, batch: dict[str, jax.Array], *, rng: jax.Array | None,
+                     mask_padding: bool = False) -> dict[str, jax.Array]:
+    """One training-mode forward that assigns each sublayer's omega from the running variance.
+
+    The same RNG splits as `__call__`, so with the first step's key it replays that step's
+    dropout masks. Returns {'encoder': [2N], 'decoder': [3M]} in forward order.
+    """
+    enc_rng, dec_rng = _split(rng, 2)
+    memory, enc = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], enc_rng,
+                               self._profile_start(batch['inputs_segmentation'], True, mask_padding))
+    targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
+    _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+                          batch['inputs_segmentation'], dec_rng,
+                          self._profile_start(batch['targets_segmentation'], True, mask_padding))
+    return {'encoder': enc.reshape(-1), 'decoder': dec.reshape(-1)}
+
+  def set_omegas(self, encoder: Any, decoder: Any) -> None:
+    """Fills every sublayer's omega vector with its scalar, in forward order (admin only)."""
+    if self.cfg.residual not in ADMIN_RESIDUALS:
+      raise ValueError(f'residual {self.cfg.residual!r} has no omega')
+    for stack, values, per_layer, names in (
+        (self.encoder, encoder, ENCODER_SUBLAYERS_PER_LAYER, ('self_attention_residual', 'ffn_residual')),
+        (self.decoder, decoder, DECODER_SUBLAYERS_PER_LAYER,
+         ('self_attention_residual', 'cross_attention_residual', 'ffn_residual'))):
+      values = jnp.asarray(values, jnp.float32).reshape(stack.num_layers, per_layer)
+      for j, name in enumerate(names):
+        omega = getattr(stack.layers, name).omega
+        omega[...] = jnp.broadcast_to(values[:, j:j + 1], omega[...].shape)
+
+  def get_omegas(self) -> dict[str, np.ndarray]:
+    """Mean of each sublayer's omega vector, forward order (what omega.png plots)."""
+    out = {}
+    for key, stack, names in (
+        ('encoder', self.encoder, ('self_attention_residual', 'ffn_residual')),
+        ('decoder', self.decoder, ('self_attention_residual', 'cross_attention_residual', 'ffn_residual'))):
+      per_sublayer = [np.asarray(getattr(stack.layers, n).omega[...]).mean(-1) for n in names]
+      out[key] = np.stack(per_sublayer, axis=1).reshape(-1)
+    return out
+
+  # -- cached decoding -------------------------------------------------------------------------
+
+  def init_cache(self, memory: jax.Array, memory_segments: jax.Array, max_len: int) -> 'DecodeCache':
+    """Self-attention caches for `max_len` steps and every layer's cross-attention keys/values."""
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    graphdef, params = nnx.split(self.decoder.layers)
+
+    def cross_kv(layer_params):
+      return nnx.merge(graphdef, layer_params).cross_attention.key_value(memory.astype(dtype))
+
+    cross = jax.lax.map(cross_kv, params)
+    shape = (cfg.num_decoder_layers, memory.shape[0], max_len, cfg.num_heads, cfg.head_dim)
+    empty = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return DecodeCache(empty, cross, memory_segments > 0, jnp.zeros((), jnp.int32))
+
+  def decode_step(self, tokens: jax.Array, cache: 'DecodeCache') -> tuple[jax.Array, 'DecodeCache']:
+    """Logits [batch, vocab] for the next token after `tokens` [batch] at position `cache.index`."""
+    index = cache.index
+    segments = jnp.ones((tokens.shape[0], 1), jnp.int32)
+    x = self._embed(self._decoder_table(), tokens[:, None], jnp.full_like(segments, index), segments, None)
+    cross_mask = cache.memory_mask[:, None, None, :]
+
+    def step(layer, x, xs):
+      self_cache, memory_kv = xs
+      return layer.decode_step(x, self_cache, memory_kv, cross_mask, index)
+
+    x, self_cache = self.decoder.apply(step, x, (cache.self_attention, cache.cross_attention))
+    logits = self._logits(x)[:, 0]
+    return logits, cache._replace(self_attention=self_cache, index=index + 1)
+
+
+class DecodeCache(NamedTuple):
+  self_attention: KVCache  # [layers, batch, max_len, heads, head_dim] each
+  cross_attention: KVCache  # [layers, batch, src_len, heads, head_dim] each
+  memory_mask: jax.Array  # [batch, src_len] True at real source tokens
+  index: jax.Array  # next position to write

@@ -1,0 +1,103 @@
+"""Logical axis names and the one table that maps them to the device mesh.
+
+Every parameter carries `logical_axes` metadata and every large activation is constrained
+with `constrain(x, axes)`; nothing else in the project names a mesh axis. The rules follow
+T5X: each logical name lists mesh axes in order of preference, and a mesh axis already used
+by an earlier dimension of the same array is skipped, so ('batch', 'length', 'embed') puts the
+batch on (data, fsdp) while a parameter ('embed', 'mlp') puts embed on fsdp (FSDP/ZeRO-3).
+"""
+
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from admin_jax.errors import UserError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# logical name -> mesh axes it may be split over, most preferred first.
+LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ('batch', ('data', 'fsdp')),  # data parallel over data and fsdp
+    ('length', ()),
+    ('embed', ('fsdp',)),  # parameters: FSDP shards the model dimension
+    ('mlp', ('tensor',)),  # Megatron: FFN columns, then rows
+    ('heads', ('tensor',)),  # Megatron: attention heads
+    ('kv', ()),
+    ('vocab', ('tensor',)),
+    ('qkv', ()),
+    ('layers', ()),  # the scanned layer axis is never split
+    ('norm', ()),  # LayerNorm gains/biases and omega: small, replicated
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+LogicalAxes = Sequence[str | None]
+
+
+def logical_to_spec(axes: LogicalAxes, shape: Sequence[int], mesh_shape: dict[str, int]) -> P:
+  """The PartitionSpec for an array of `shape` whose dimensions have logical names `axes`."""
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {tuple(axes)} do not match shape {tuple(shape)}')
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    if name is not None and name not in _RULES:
+      raise ValueError(f'logical axis {name!r} has no sharding rule')
+    chosen = []
+    for mesh_axis in _RULES.get(name, ()) if name else ():
+      ways = mesh_shape.get(mesh_axis, 1)
+      split = int(np.prod([mesh_shape[a] for a in chosen])) * ways
+      if mesh_axis in used or ways == 1 or size % split:
+        continue
+      chosen.append(mesh_axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return P(*spec)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """Pins an activation's sharding when running under a mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, dict(mesh.shape)))
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes what is left."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise UserError(f'config mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise UserError(f'config mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise UserError(f'config mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
+                    f'{len(devices)} are available')
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings for a state tree whose nnx Variables carry `logical_axes` metadata.
+
+  Leaves without metadata (optimizer counters, RNG keys, step) are replicated.
+  """
+  from flax import nnx  # local: keeps this module importable without flax for launch tooling
+
+  mesh_shape = dict(mesh.shape)
+
+  def sharding(leaf):
+    axes = leaf.get_metadata().get('logical_axes') if isinstance(leaf, nnx.Variable) else None
+    shape = leaf.shape if hasattr(leaf, 'shape') else ()
+    spec = logical_to_spec(axes, shape, mesh_shape) if axes else P()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

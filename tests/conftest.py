@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny model config and packed batches built by hand."""
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+def subprocess_env(devices: int | None = None) -> dict[str, str]:
+  """Environment for a job run in a child process, optionally with N host CPU devices."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def python() -> str:
+  return sys.executable
+
+
+def packed_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,
+                 lengths: list[list[int]]) -> dict[str, np.ndarray]:
+  """A packed batch: row r holds sentences of the given lengths on both sides, then padding."""
+  out = {k: np.zeros((batch, length), np.int32) for k in (
+      'inputs', 'inputs_segmentation', 'inputs_position', 'targets', 'targets_segmentation', 'targets_position')}
+  for r, row in enumerate(lengths):
+    start = 0
+    for seg, n in enumerate(row, start=1):
+      for side in ('inputs', 'targets'):
+        out[side][r, start:start + n] = rng.integers(3, vocab, n)
+        out[side][r, start + n - 1] = 1  # EOS
+        out[f'{side}_segmentation'][r, start:start + n] = seg
+        out[f'{side}_position'][r, start:start + n] = np.arange(n)
+      start += n
+  return out
+
+
+@pytest.fixture
+def np_rng():
+  return np.random.default_rng(0)
+
+
+def shared_data_or_skip() -> pathlib.Path:
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f'real corpora not present at {SHARED_DATA} (a fresh clone has no ../shared/data)')
+  return SHARED_DATA

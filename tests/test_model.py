@@ -1,0 +1,236 @@
+"""The Admin Transformer against independent NumPy references and its structural invariants."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+import pytest
+
+from admin_jax.model import Transformer
+from admin_jax.model import TransformerConfig
+from admin_jax.model import residual as residual_lib
+from admin_jax.model.transformer import attention_mask
+from conftest import packed_batch
+
+VARIANTS = residual_lib.RESIDUALS
+VOCAB = 40
+
+
+def tiny(residual='admin', **overrides) -> TransformerConfig:
+  kw = dict(vocab_size=VOCAB, residual=residual, num_encoder_layers=2, num_decoder_layers=2, d_model=16,
+            ffn_dim=32, num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dtype='float32')
+  kw.update(overrides)
+  return TransformerConfig(**kw)
+
+
+def forward(model, batch, rng=None):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, b, r: nnx.merge(graphdef, s)(b, rng=r))(state, batch, rng)
+
+
+@pytest.mark.parametrize('residual', VARIANTS)
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_shapes_and_dtypes(residual, dtype, np_rng):
+  model = Transformer(tiny(residual, dtype=dtype, dropout=0.1), rngs=nnx.Rngs(0))
+  batch = packed_batch(np_rng, 2, 10, VOCAB, [[4, 5], [10]])
+  logits = forward(model, batch, jax.random.key(1))
+  assert logits.shape == (2, 10, VOCAB) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  params = nnx.state(model, nnx.Param)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  omegas = [p for path, p in nnx.to_flat_state(params) if path[-1] == 'omega']
+  if residual in residual_lib.ADMIN_RESIDUALS:
+    assert {o.shape for o in omegas} == {(2, 16)} and len(omegas) == 2 + 3
+  else:
+    assert not omegas
+
+
+@pytest.mark.parametrize('residual', ['post_ln', 'pre_ln', 'admin'])
+def test_masking_between_segments_and_future_positions(residual, np_rng):
+  model = Transformer(tiny(residual), rngs=nnx.Rngs(0))
+  batch = packed_batch(np_rng, 1, 12, VOCAB, [[5, 7]])
+  base = np.asarray(forward(model, batch))
+  # A different token in segment 2 (either side) leaves segment 1's outputs unchanged.
+  for side in ('inputs', 'targets'):
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed[side][0, 7] = (changed[side][0, 7] - 2) % (VOCAB - 3) + 3
+    out = np.asarray(forward(model, changed))
+    np.testing.assert_allclose(out[0, :5], base[0, :5], atol=1e-6)
+    assert not np.allclose(out[0, 5:], base[0, 5:])
+  # A later target token never changes earlier logits (the decoder is causal).
+  later = {k: v.copy() for k, v in batch.items()}
+  later['targets'][0, 3] = 7
+  out = np.asarray(forward(model, later))
+  np.testing.assert_allclose(out[0, :4], base[0, :4], atol=1e-6)
+  assert not np.allclose(out[0, 4], base[0, 4])
+
+
+@pytest.mark.parametrize('residual', VARIANTS)
+def test_cached_decoding_equals_full_forward(residual, np_rng):
+  model = Transformer(tiny(residual), rngs=nnx.Rngs(3))
+  batch = packed_batch(np_rng, 2, 9, VOCAB, [[9], [6]])
+  full = np.asarray(forward(model, batch))
+  from admin_jax.model.transformer import decoder_inputs
+  dec_in = np.asarray(decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation']))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state):
+    m = nnx.merge(graphdef, state)
+    memory = m.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'])
+    cache = m.init_cache(memory, batch['inputs_segmentation'], 9)
+    steps = []
+    for t in range(9):
+      logits, cache = m.decode_step(jnp.asarray(dec_in[:, t]), cache)
+      steps.append(logits)
+    return jnp.stack(steps, 1)
+
+  cached = np.asarray(run(state))
+  np.testing.assert_allclose(cached[0], full[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cached[1, :6], full[1, :6], atol=1e-5, rtol=1e-5)
+
+
+# --- independent NumPy reference (float64) -----------------------------------------------------
+
+def np_layer_norm(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
+
+
+def np_attention(x, memory, p, mask):
+  """x [q, d], memory [k, d]; p holds qkv [d, 3, h, hd], qkv_bias, out [h, hd, d], out_bias."""
+  w, b = p['qkv'], p['qkv_bias']
+  head_dim = w.shape[-1]
+  q = (np.einsum('ld,dhk->lhk', x, w[:, 0]) + b[0]) * head_dim ** -0.5
+  k = np.einsum('ld,dhk->lhk', memory, w[:, 1]) + b[1]
+  v = np.einsum('ld,dhk->lhk', memory, w[:, 2]) + b[2]
+  logits = np.einsum('qhk,shk->hqs', q, k)
+  logits = np.where(mask[None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ctx = np.einsum('hqs,shk->qhk', probs, v)
+  return np.einsum('qhk,hkd->qd', ctx, p['out']) + p['out_bias']
+
+
+def np_ffn(x, p):
+  return np.maximum(x @ p['fc1'] + p['fc1_bias'], 0) @ p['fc2'] + p['fc2_bias']
+
+
+def np_sublayer(kind, x, branch, p_res, shortcut):
+  if kind == 'pre_ln':
+    return x + branch(np_layer_norm(x, p_res['norm']))
+  scale = p_res['omega'] if kind in ('admin', 'admin_logn') else shortcut
+  return np_layer_norm(scale * x + branch(x), p_res['norm'])
+
+
+def layer_params(model_stack, i):
+  """Layer i's weights from the stacked state, as nested float64 dicts."""
+  state = nnx.state(model_stack.layers, nnx.Param).to_pure_dict()
+  return jax.tree.map(lambda a: np.asarray(a[i], np.float64), state)
+
+
+@pytest.mark.parametrize('residual', VARIANTS)
+def test_layers_match_numpy_reference(residual, np_rng):
+  cfg = tiny(residual, num_encoder_layers=1, num_decoder_layers=1, scan_layers=False)
+  model = Transformer(cfg, rngs=nnx.Rngs(5))
+  if residual == 'admin':  # distinct omegas per sublayer, so a mixed-up assignment shows
+    model.set_omegas([1.0, 1.7], [1.0, 1.3, 2.1])
+  c = residual_lib.deepnorm_constants(1, 1)
+  enc_shortcut = c.encoder_alpha if residual == 'deepnorm' else 1.0
+  dec_shortcut = c.decoder_alpha if residual == 'deepnorm' else 1.0
+
+  length, src_len = 6, 5
+  x = np_rng.normal(size=(1, length, 16)).astype(np.float32)
+  memory = np_rng.normal(size=(1, src_len, 16)).astype(np.float32)
+  seg = np.ones((1, length), np.int32)
+  mem_seg = np.ones((1, src_len), np.int32)
+  enc_layer = nnx.merge(*nnx.split(model.encoder.layers))
+  dec_layer = nnx.merge(*nnx.split(model.decoder.layers))
+
+  def unstack(layer_module):
+    graphdef, state = nnx.split(layer_module)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+  enc_out, _, _ = unstack(enc_layer)(jnp.asarray(x), attention_mask(seg, seg), None, None)
+  dec_out, _, _ = unstack(dec_layer)(jnp.asarray(x), jnp.asarray(memory), attention_mask(seg, seg, causal=True),
+                                     attention_mask(seg, mem_seg), None, None)
+
+  pe, pd = layer_params(model.encoder, 0), layer_params(model.decoder, 0)
+  x64, m64 = x[0].astype(np.float64), memory[0].astype(np.float64)
+  full = np.ones((length, length), bool)
+  causal = np.tril(full)
+  cross = np.ones((length, src_len), bool)
+  h = np_sublayer(residual, x64, lambda y: np_attention(y, y, pe['self_attention'], full),
+                  pe['self_attention_residual'], enc_shortcut)
+  h = np_sublayer(residual, h, lambda y: np_ffn(y, pe['ffn']), pe['ffn_residual'], enc_shortcut)
+  np.testing.assert_allclose(np.asarray(enc_out[0]), h, atol=2e-5, rtol=1e-5)
+
+  h = np_sublayer(residual, x64, lambda y: np_attention(y, y, pd['self_attention'], causal),
+                  pd['self_attention_residual'], dec_shortcut)
+  h = np_sublayer(residual, h, lambda y: np_attention(y, m64, pd['cross_attention'], cross),
+                  pd['cross_attention_residual'], dec_shortcut)
+  h = np_sublayer(residual, h, lambda y: np_ffn(y, pd['ffn']), pd['ffn_residual'], dec_shortcut)
+  np.testing.assert_allclose(np.asarray(dec_out[0]), h, atol=2e-5, rtol=1e-5)
+
+
+def test_initialisation_statistics():
+  d = 64
+  cfg = tiny('post_ln', d_model=d, ffn_dim=256, num_heads=4, vocab_size=2000)
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  table = np.asarray(params['embedding']['table'])
+  assert abs(table[1:].std() / d ** -0.5 - 1) < 0.03 and not table[0].any()
+  enc = params['encoder']['layers']
+  for name, w, bound in (('qkv', enc['self_attention']['qkv'], math.sqrt(6 / (4 * d))),
+                         ('out', enc['self_attention']['out'], math.sqrt(6 / (2 * d))),
+                         ('fc1', enc['ffn']['fc1'], math.sqrt(6 / (d + 256))),
+                         ('fc2', enc['ffn']['fc2'], math.sqrt(6 / (d + 256)))):
+    w = np.asarray(w)
+    assert np.abs(w).max() <= bound, name
+    assert np.abs(w).max() > 0.95 * bound, name  # uniform over the whole xavier range
+    assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.05, name
+  leaves = nnx.to_flat_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  for path, value in leaves:
+    if 'bias' in path[-1]:
+      assert not np.asarray(value[...]).any(), path
+    if path[-2] == 'norm' and path[-1] == 'scale':
+      assert (np.asarray(value[...]) == 1).all(), path
+
+
+def test_deepnorm_scales_branch_init():
+  cfg = tiny('deepnorm', d_model=64, ffn_dim=256, num_encoder_layers=6, num_decoder_layers=6)
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  c = residual_lib.deepnorm_constants(6, 6)
+  qkv = np.asarray(params['decoder']['layers']['self_attention']['qkv'])
+  std = math.sqrt(2 / (2 * 64))
+  assert abs(qkv[..., 0, :, :].std() / std - 1) < 0.05  # Q: gain 1
+  assert abs(qkv[..., 2, :, :].std() / (c.decoder_beta * std) - 1) < 0.05  # V: gain beta
+  fc1 = np.asarray(params['encoder']['layers']['ffn']['fc1'])
+  assert abs(fc1.std() / (c.encoder_beta * math.sqrt(2 / (64 + 256))) - 1) < 0.05
+
+
+@pytest.mark.parametrize('n, expected', [(6, 1.612), (12, 2.017), (18, 2.335), (36, 3.041), (200, 6.075)])
+def test_admin_logn_omega(n, expected):
+  assert round(residual_lib.logn_omega(n), 3) == expected
+
+
+def test_admin_logn_model_uses_stack_sizes():
+  model = Transformer(tiny('admin_logn', num_encoder_layers=3, num_decoder_layers=4), rngs=nnx.Rngs(0))
+  omegas = model.get_omegas()
+  np.testing.assert_allclose(omegas['encoder'], residual_lib.logn_omega(6), rtol=1e-6)
+  np.testing.assert_allclose(omegas['decoder'], residual_lib.logn_omega(12), rtol=1e-6)
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_scan_equals_python_loop(remat, np_rng):
+  batch = packed_batch(np_rng, 2, 8, VOCAB, [[3, 5], [8]])
+  cfg = tiny('admin', num_encoder_layers=3, num_decoder_layers=3, dropout=0.1, attention_dropout=0.1,
+             activation_dropout=0.1, remat=remat)
+  scanned = Transformer(cfg, rngs=nnx.Rngs(7))
+  looped = Transformer(tiny('admin', num_encoder_layers=3, num_decoder_layers=3, dropout=0.1,
+                            attention_dropout=0.1, activation_dropout=0.1, scan_layers=False), rngs=nnx.Rngs(7))
+  key = jax.random.key(2)
+  np.testing.assert_allclose(np.asarray(forward(scanned, batch, key)), np.asarray(forward(looped, batch, key)),
+                             atol=1e-5, rtol=1e-5)
