@@ -88,16 +88,34 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
 def tree_shardings(abstract_tree, mesh: Mesh):
   """NamedShardings for a state tree whose nnx Variables carry `logical_axes` metadata.
 
-  Leaves without metadata (optimizer counters, RNG keys, step) are replicated.
+  The result has the state's tree structure (Variables hold a NamedSharding instead of an
+  array), so it serves as jit shardings and as orbax restore targets alike. Leaves without
+  metadata (optimizer counters, RNG keys, step) are replicated.
   """
   from flax import nnx  # local: keeps this module importable without flax for launch tooling
 
   mesh_shape = dict(mesh.shape)
 
   def sharding(leaf):
-    axes = leaf.get_metadata().get('logical_axes') if isinstance(leaf, nnx.Variable) else None
-    shape = leaf.shape if hasattr(leaf, 'shape') else ()
-    spec = logical_to_spec(axes, shape, mesh_shape) if axes else P()
-    return NamedSharding(mesh, spec)
+    if isinstance(leaf, nnx.Variable):
+      axes = leaf.get_metadata().get('logical_axes')
+      spec = logical_to_spec(axes, leaf.shape, mesh_shape) if axes else P()
+      return leaf.replace(NamedSharding(mesh, spec))  # same tree structure as the state
+    return NamedSharding(mesh, P())
 
   return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool = False) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays split over the batch axes of the mesh.
+
+  With `micro_batched`, arrays are [micro_batches, rows, length] and only rows are split.
+  """
+  out = {}
+  for name, array in local.items():
+    global_shape = list(array.shape)
+    global_shape[1 if micro_batched else 0] *= jax.process_count()
+    axes = ((None,) if micro_batched else ()) + ('batch', 'length')
+    spec = logical_to_spec(axes, global_shape, dict(mesh.shape))
+    out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), array, tuple(global_shape))
+  return out

@@ -13,6 +13,7 @@ from admin_jax.model import TransformerConfig
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.transformer import attention_mask
 from conftest import packed_batch
+import numpy_reference as ref
 
 VARIANTS = residual_lib.RESIDUALS
 VOCAB = 40
@@ -92,40 +93,6 @@ def test_cached_decoding_equals_full_forward(residual, np_rng):
   np.testing.assert_allclose(cached[1, :6], full[1, :6], atol=1e-5, rtol=1e-5)
 
 
-# --- independent NumPy reference (float64) -----------------------------------------------------
-
-def np_layer_norm(x, p):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
-
-
-def np_attention(x, memory, p, mask):
-  """x [q, d], memory [k, d]; p holds qkv [d, 3, h, hd], qkv_bias, out [h, hd, d], out_bias."""
-  w, b = p['qkv'], p['qkv_bias']
-  head_dim = w.shape[-1]
-  q = (np.einsum('ld,dhk->lhk', x, w[:, 0]) + b[0]) * head_dim ** -0.5
-  k = np.einsum('ld,dhk->lhk', memory, w[:, 1]) + b[1]
-  v = np.einsum('ld,dhk->lhk', memory, w[:, 2]) + b[2]
-  logits = np.einsum('qhk,shk->hqs', q, k)
-  logits = np.where(mask[None], logits, -np.inf)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  ctx = np.einsum('hqs,shk->qhk', probs, v)
-  return np.einsum('qhk,hkd->qd', ctx, p['out']) + p['out_bias']
-
-
-def np_ffn(x, p):
-  return np.maximum(x @ p['fc1'] + p['fc1_bias'], 0) @ p['fc2'] + p['fc2_bias']
-
-
-def np_sublayer(kind, x, branch, p_res, shortcut):
-  if kind == 'pre_ln':
-    return x + branch(np_layer_norm(x, p_res['norm']))
-  scale = p_res['omega'] if kind in ('admin', 'admin_logn') else shortcut
-  return np_layer_norm(scale * x + branch(x), p_res['norm'])
-
-
 def layer_params(model_stack, i):
   """Layer i's weights from the stacked state, as nested float64 dicts."""
   state = nnx.state(model_stack.layers, nnx.Param).to_pure_dict()
@@ -163,16 +130,16 @@ def test_layers_match_numpy_reference(residual, np_rng):
   full = np.ones((length, length), bool)
   causal = np.tril(full)
   cross = np.ones((length, src_len), bool)
-  h = np_sublayer(residual, x64, lambda y: np_attention(y, y, pe['self_attention'], full),
+  h = ref.sublayer(residual, x64, lambda y: ref.attention(y, y, pe['self_attention'], full),
                   pe['self_attention_residual'], enc_shortcut)
-  h = np_sublayer(residual, h, lambda y: np_ffn(y, pe['ffn']), pe['ffn_residual'], enc_shortcut)
+  h = ref.sublayer(residual, h, lambda y: ref.ffn(y, pe['ffn']), pe['ffn_residual'], enc_shortcut)
   np.testing.assert_allclose(np.asarray(enc_out[0]), h, atol=2e-5, rtol=1e-5)
 
-  h = np_sublayer(residual, x64, lambda y: np_attention(y, y, pd['self_attention'], causal),
+  h = ref.sublayer(residual, x64, lambda y: ref.attention(y, y, pd['self_attention'], causal),
                   pd['self_attention_residual'], dec_shortcut)
-  h = np_sublayer(residual, h, lambda y: np_attention(y, m64, pd['cross_attention'], cross),
+  h = ref.sublayer(residual, h, lambda y: ref.attention(y, m64, pd['cross_attention'], cross),
                   pd['cross_attention_residual'], dec_shortcut)
-  h = np_sublayer(residual, h, lambda y: np_ffn(y, pd['ffn']), pd['ffn_residual'], dec_shortcut)
+  h = ref.sublayer(residual, h, lambda y: ref.ffn(y, pd['ffn']), pd['ffn_residual'], dec_shortcut)
   np.testing.assert_allclose(np.asarray(dec_out[0]), h, atol=2e-5, rtol=1e-5)
 
 

@@ -71,6 +71,35 @@ def _variance(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return (jnp.square(x - mean) * weight).sum() / count
 
 
+class Sublayer(NamedTuple):
+  """One sublayer's float32 [batch, length, d_model] tensors, as the analysis tools read them."""
+  input: jax.Array  # x_{k-1}, the shortcut before omega (or alpha) scales it
+  branch: jax.Array  # f_k, after its output dropout
+  output: jax.Array  # x_k, the tap's offset included
+
+
+class Tap:
+  """Analysis hook on the sublayers of one layer, visited in forward order (spec 7.2, 7.3).
+
+  Adds `offsets[k]` to sublayer k's output: with zero offsets the forward is unchanged and the
+  gradient with respect to them is dL/dx_k. Also records each sublayer's tensors. Only the
+  analysis passes one; with `tap=None` (training, decoding) nothing extra is computed.
+  """
+
+  def __init__(self, offsets: jax.Array):
+    self.offsets = offsets
+    self.sublayers: list[Sublayer] = []
+
+  def __call__(self, x: jax.Array, branch: jax.Array, output: jax.Array) -> jax.Array:
+    output = output + self.offsets[len(self.sublayers)]
+    self.sublayers.append(Sublayer(x, branch, output))
+    return output
+
+  def stacked(self) -> Sublayer:
+    """The records with a leading sublayer axis, ready to be a scan output."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *self.sublayers)
+
+
 class Residual(nnx.Module):
   """The shortcut and normalisation around one sublayer's branch."""
 
@@ -88,23 +117,28 @@ class Residual(nnx.Module):
     """What the branch f_i reads: LN(x) for Pre-LN, x itself for every Post-LN form."""
     return (self.norm(x) if self.kind == 'pre_ln' else x).astype(dtype)
 
-  def __call__(self, x: jax.Array, branch: jax.Array,
-               profile: Profile | None = None) -> tuple[jax.Array, Profile | None]:
+  def shortcut_scale(self) -> jax.Array | float:
+    """What multiplies x_{k-1}: omega for Admin, alpha for DeepNorm, 1 for Post-LN and Pre-LN."""
+    return self.omega[...] if self.kind in ADMIN_RESIDUALS else self.shortcut
+
+  def __call__(self, x: jax.Array, branch: jax.Array, profile: Profile | None = None,
+               tap: Tap | None = None) -> tuple[jax.Array, Profile | None]:
     """Adds the branch output to the shortcut; returns the new stream (float32) and profile state.
 
     While profiling, omega_k := r is used at once in this same pass and then
-    r := sqrt(Var[omega_k * x_{k-1}] + Var[f_k]) (spec 2.2).
+    r := sqrt(Var[omega_k * x_{k-1}] + Var[f_k]) (spec 2.2). A `tap` (analysis only) records
+    (x_{k-1}, f_k, x_k) and adds its offset to x_k.
     """
     x = x.astype(jnp.float32)
     branch = branch.astype(jnp.float32)
     if self.kind == 'pre_ln':
-      return x + branch, profile
-    if profile is not None:
-      shortcut = profile.r * x
-      r = jnp.sqrt(_variance(shortcut, profile.mask) + _variance(branch, profile.mask))
-      profile = Profile(r, profile.mask)
-    elif self.kind in ADMIN_RESIDUALS:
-      shortcut = self.omega[...] * x
+      output = x + branch
     else:
-      shortcut = self.shortcut * x
-    return self.norm(shortcut + branch), profile
+      if profile is not None:
+        shortcut = profile.r * x
+        r = jnp.sqrt(_variance(shortcut, profile.mask) + _variance(branch, profile.mask))
+        profile = Profile(r, profile.mask)
+      else:
+        shortcut = self.shortcut_scale() * x
+      output = self.norm(shortcut + branch)
+    return (output if tap is None else tap(x, branch, output)), profile

@@ -22,10 +22,16 @@ from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import Profile
 from admin_jax.model.residual import Residual
+from admin_jax.model.residual import Sublayer
+from admin_jax.model.residual import Tap
 from admin_jax.model.residual import deepnorm_constants
 from admin_jax.model.residual import logn_omega
 from admin_jax.sharding import constrain
 from admin_jax.special_tokens import EOS_ID
+
+# Each layer's residuals in forward order: the order of omega.json and of the analysis tools.
+ENCODER_RESIDUALS = ('self_attention_residual', 'ffn_residual')
+DECODER_RESIDUALS = ('self_attention_residual', 'cross_attention_residual', 'ffn_residual')
 
 
 def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -47,6 +53,11 @@ def decoder_inputs(targets: jax.Array, positions: jax.Array, segments: jax.Array
   return jnp.where(positions == 0, EOS_ID, shifted) * (segments > 0)
 
 
+def _layer_outputs(profile: Profile | None, omegas: list[Any], tap: Tap | None) -> tuple[Any, Any]:
+  """One scan step's outputs: the profiled omegas and the tapped sublayers, each None when unused."""
+  return (jnp.stack(omegas) if profile is not None else None), (None if tap is None else tap.stacked())
+
+
 class EncoderLayer(nnx.Module):
   """Self-attention and FFN sublayers, each wrapped in its residual."""
 
@@ -57,8 +68,8 @@ class EncoderLayer(nnx.Module):
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None,
-               profile: Profile | None) -> tuple[jax.Array, Profile | None, list[Any]]:
+  def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None, profile: Profile | None,
+               tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = _split(rng, 4)
     omegas = []
@@ -66,12 +77,12 @@ class EncoderLayer(nnx.Module):
     omegas.append(profile and profile.r)
     h = self.self_attention_residual.branch_input(x, dtype)
     f = self.self_attention(h, h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng)
-    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, attn_out_rng), profile)
+    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, attn_out_rng), profile, tap)
 
     omegas.append(profile and profile.r)
     h = self.ffn_residual.branch_input(x, dtype)
     f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
-    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile)
+    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile, tap)
     return x, profile, omegas
 
 
@@ -87,31 +98,32 @@ class DecoderLayer(nnx.Module):
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.cfg = cfg
 
-  def _cross_and_ffn(self, x, memory_kv: KVCache, cross_mask, rngs, profile, omegas):
+  def _cross_and_ffn(self, x, memory_kv: KVCache, cross_mask, rngs, profile, omegas, tap=None):
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = rngs
     omegas.append(profile and profile.r)
     h = self.cross_attention_residual.branch_input(x, dtype)
     context = self.cross_attention.output(attend(self.cross_attention.query(h), memory_kv.key, memory_kv.value,
                                                  cross_mask, dropout_rate=cfg.attention_dropout, rng=attn_rng))
-    x, profile = self.cross_attention_residual(x, layers.dropout(context, cfg.dropout, attn_out_rng), profile)
+    x, profile = self.cross_attention_residual(x, layers.dropout(context, cfg.dropout, attn_out_rng), profile, tap)
 
     omegas.append(profile and profile.r)
     h = self.ffn_residual.branch_input(x, dtype)
     f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
-    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile)
+    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile, tap)
     return x, profile
 
   def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, cross_mask: jax.Array,
-               rng: jax.Array | None, profile: Profile | None) -> tuple[jax.Array, Profile | None, list[Any]]:
+               rng: jax.Array | None, profile: Profile | None,
+               tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     rngs = _split(rng, 6)
     omegas = [profile and profile.r]
     h = self.self_attention_residual.branch_input(x, dtype)
     f = self.self_attention(h, h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
-    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, rngs[1]), profile)
+    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, rngs[1]), profile, tap)
     x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(dtype)), cross_mask,
-                                     rngs[2:], profile, omegas)
+                                     rngs[2:], profile, omegas, tap)
     return x, profile, omegas
 
   def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross_mask: jax.Array,
@@ -214,36 +226,39 @@ class Transformer(nnx.Module):
       return None
     return Profile(jnp.ones((), jnp.float32), (segments > 0) if mask_padding else None)
 
-  def _encode(self, inputs, segments, positions, rng, profile: Profile | None):
+  def _encode(self, inputs, segments, positions, rng, profile: Profile | None, offsets=None):
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self.embedding, inputs, positions, segments, emb_rng)
     mask = attention_mask(segments, segments)
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_encoder_layers)
 
-    def step(layer, carry, key):
-      x, profile = carry
-      x, profile, omegas = layer(x, mask, key, profile)
-      return (x, profile), (jnp.stack(omegas) if profile is not None else None)
+    def step(layer, carry, xs):
+      (x, profile), (key, offsets) = carry, xs
+      tap = None if offsets is None else Tap(offsets)
+      x, profile, omegas = layer(x, mask, key, profile, tap)
+      return (x, profile), _layer_outputs(profile, omegas, tap)
 
-    (x, _), omegas = self.encoder.apply(step, (x, profile), keys)
+    (x, _), (omegas, sublayers) = self.encoder.apply(step, (x, profile), (keys, offsets))
     if self.cfg.residual == 'pre_ln':
       x = self.encoder_final_norm(x)
-    return x, omegas
+    return x, omegas, sublayers
 
-  def _decode(self, targets_in, segments, positions, memory, memory_segments, rng, profile: Profile | None):
+  def _decode(self, targets_in, segments, positions, memory, memory_segments, rng, profile: Profile | None,
+              offsets=None):
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self._decoder_table(), targets_in, positions, segments, emb_rng)
     self_mask = attention_mask(segments, segments, causal=True)
     cross_mask = attention_mask(segments, memory_segments)
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_decoder_layers)
 
-    def step(layer, carry, key):
-      x, profile = carry
-      x, profile, omegas = layer(x, memory, self_mask, cross_mask, key, profile)
-      return (x, profile), (jnp.stack(omegas) if profile is not None else None)
+    def step(layer, carry, xs):
+      (x, profile), (key, offsets) = carry, xs
+      tap = None if offsets is None else Tap(offsets)
+      x, profile, omegas = layer(x, memory, self_mask, cross_mask, key, profile, tap)
+      return (x, profile), _layer_outputs(profile, omegas, tap)
 
-    (x, _), omegas = self.decoder.apply(step, (x, profile), keys)
-    return x, omegas
+    (x, _), (omegas, sublayers) = self.decoder.apply(step, (x, profile), (keys, offsets))
+    return x, omegas, sublayers
 
   def encode(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array, *,
              rng: jax.Array | None = None) -> jax.Array:
@@ -273,22 +288,42 @@ class Transformer(nnx.Module):
     dropout masks. Returns {'encoder': [2N], 'decoder': [3M]} in forward order.
     """
     enc_rng, dec_rng = _split(rng, 2)
-    memory, enc = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], enc_rng,
-                               self._profile_start(batch['inputs_segmentation'], True, mask_padding))
+    memory, enc, _ = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
+                                  enc_rng, self._profile_start(batch['inputs_segmentation'], True, mask_padding))
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
-                          batch['inputs_segmentation'], dec_rng,
-                          self._profile_start(batch['targets_segmentation'], True, mask_padding))
+    _, dec, _ = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+                             batch['inputs_segmentation'], dec_rng,
+                             self._profile_start(batch['targets_segmentation'], True, mask_padding))
     return {'encoder': enc.reshape(-1), 'decoder': dec.reshape(-1)}
+
+  def trace_encoder(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array,
+                    offsets: jax.Array) -> tuple[jax.Array, Sublayer]:
+    """Deterministic encoder output and every encoder sublayer's tensors, for the analysis tools.
+
+    `offsets` are zeros [N, 2, batch, src_len, d_model] added to the sublayer outputs, so the
+    gradient with respect to them is dL/dx_k (spec 7.3); the tensors have the same leading axes.
+    """
+    x, _, sublayers = self._encode(inputs, segments, positions, None, None, offsets)
+    return x, sublayers
+
+  def trace(self, batch: dict[str, jax.Array],
+            offsets: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Sublayer]]:
+    """Deterministic teacher-forced logits and every sublayer's tensors: `trace_encoder` for both
+    stacks, with offsets {'encoder': [N, 2, ...], 'decoder': [M, 3, batch, tgt_len, d_model]}."""
+    memory, enc = self.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
+                                     offsets['encoder'])
+    targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
+    x, _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+                             batch['inputs_segmentation'], None, None, offsets['decoder'])
+    return self._logits(x), {'encoder': enc, 'decoder': dec}
 
   def set_omegas(self, encoder: Any, decoder: Any) -> None:
     """Fills every sublayer's omega vector with its scalar, in forward order (admin only)."""
     if self.cfg.residual not in ADMIN_RESIDUALS:
       raise ValueError(f'residual {self.cfg.residual!r} has no omega')
     for stack, values, per_layer, names in (
-        (self.encoder, encoder, ENCODER_SUBLAYERS_PER_LAYER, ('self_attention_residual', 'ffn_residual')),
-        (self.decoder, decoder, DECODER_SUBLAYERS_PER_LAYER,
-         ('self_attention_residual', 'cross_attention_residual', 'ffn_residual'))):
+        (self.encoder, encoder, ENCODER_SUBLAYERS_PER_LAYER, ENCODER_RESIDUALS),
+        (self.decoder, decoder, DECODER_SUBLAYERS_PER_LAYER, DECODER_RESIDUALS)):
       values = jnp.asarray(values, jnp.float32).reshape(stack.num_layers, per_layer)
       for j, name in enumerate(names):
         omega = getattr(stack.layers, name).omega
@@ -297,9 +332,8 @@ class Transformer(nnx.Module):
   def get_omegas(self) -> dict[str, np.ndarray]:
     """Mean of each sublayer's omega vector, forward order (what omega.png plots)."""
     out = {}
-    for key, stack, names in (
-        ('encoder', self.encoder, ('self_attention_residual', 'ffn_residual')),
-        ('decoder', self.decoder, ('self_attention_residual', 'cross_attention_residual', 'ffn_residual'))):
+    for key, stack, names in (('encoder', self.encoder, ENCODER_RESIDUALS),
+                              ('decoder', self.decoder, DECODER_RESIDUALS)):
       per_sublayer = [np.asarray(getattr(stack.layers, n).omega[...]).mean(-1) for n in names]
       out[key] = np.stack(per_sublayer, axis=1).reshape(-1)
     return out

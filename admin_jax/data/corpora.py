@@ -1,0 +1,89 @@
+"""Parallel corpora as lists of (source, target) sentence pairs.
+
+Everything downstream (tokenizer training, packing, BLEU) sees the same
+in-memory pairs whichever source they came from, so a bad corpus is caught
+here, once, with a message that names the file and line to fix.
+"""
+
+import gzip
+import lzma
+from pathlib import Path
+
+import ml_collections
+
+from admin_jax.data import synthetic
+from admin_jax.errors import UserError
+
+SPLITS = ('train', 'valid', 'test')
+_OPENERS = {'.gz': gzip.open, '.xz': lzma.open}
+
+
+def read_lines(path: str | Path) -> list[str]:
+  """Returns the lines of a UTF-8 text file, transparently decompressing .gz/.xz.
+
+  Lines are split on '\\n' only (not str.splitlines, which also breaks on
+  U+2028 and friends and would misalign parallel files) and stripped.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise UserError(f'No such file: {path}')
+  opener = _OPENERS.get(path.suffix, open)
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError, lzma.LZMAError) as e:
+    raise UserError(f'Cannot read {path}: {e}') from e
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    raise UserError(f'{path}: invalid UTF-8 on line {line}') from e
+  if text.endswith('\n'):
+    text = text[:-1]
+  return [line.strip() for line in text.split('\n')] if text else []
+
+
+def load_pairs(config: ml_collections.ConfigDict,
+               split: str) -> list[tuple[str, str]]:
+  """Returns the (source, target) pairs of `split` ('train', 'valid' or 'test')."""
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  data = config.data
+  if data.source == 'synthetic':
+    return synthetic.load_split(split, data.synthetic_train_size, data.synthetic_eval_size)
+  if data.source == 'text':
+    return _text_pairs(data[split], data.src_lang, data.tgt_lang)
+  if data.source == 'tfds':
+    from admin_jax.data import tfds_corpus  # Keeps TensorFlow out of the other paths.
+    return tfds_corpus.load_pairs(data.tfds_name, data.tfds_data_dir, data[split],
+                                  data.src_lang, data.tgt_lang)
+  raise UserError(f"data.source must be 'synthetic', 'text' or 'tfds', got {data.source!r}")
+
+
+def _text_pairs(prefix: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+  """Reads PREFIX.SRC and PREFIX.TGT (each possibly .gz/.xz), aligned line by line."""
+  if not prefix:
+    raise UserError('Empty corpus prefix: set data.train/valid/test to a path prefix')
+  src_path, tgt_path = _find(prefix, src_lang), _find(prefix, tgt_lang)
+  if src_path is None and tgt_path is None:
+    raise UserError(f'No corpus files match prefix {prefix}: expected {prefix}.{src_lang} and '
+                    f'{prefix}.{tgt_lang} (optionally .gz or .xz)')
+  for path, lang in ((src_path, src_lang), (tgt_path, tgt_lang)):
+    if path is None:
+      raise UserError(f'Missing corpus file {prefix}.{lang} (nor .gz/.xz) for prefix {prefix}')
+  src, tgt = read_lines(src_path), read_lines(tgt_path)
+  if len(src) != len(tgt):
+    raise UserError(f'Line counts differ: {src_path} has {len(src)} lines, '
+                    f'{tgt_path} has {len(tgt)}')
+  if not src:
+    raise UserError(f'Empty corpus: {src_path} and {tgt_path} have no lines')
+  return list(zip(src, tgt))
+
+
+def _find(prefix: str, lang: str) -> Path | None:
+  """The first existing of PREFIX.LANG, PREFIX.LANG.gz, PREFIX.LANG.xz."""
+  for suffix in ('', *_OPENERS):
+    path = Path(f'{prefix}.{lang}{suffix}')
+    if path.is_file():
+      return path
+  return None

@@ -1,0 +1,125 @@
+"""One joint SentencePiece vocabulary for source and target.
+
+A joint vocabulary is what lets `model.share_embeddings` tie the encoder,
+decoder and output embeddings, as in the paper's WMT14 setup.
+
+Fairseq-style corpora (`data.pretokenized`) arrive already Moses-tokenized and
+BPE'd ("wi@@ ll"); their BPE units are the vocabulary the published numbers were
+obtained with, so they must not be re-segmented. For those we train a
+SentencePiece *word* model with the identity normaliser: every
+whitespace-separated BPE unit is one piece, decode() gives back the BPE'd text
+exactly, and removing "@@ " then gives the tokenized words that BLEU is
+computed on. Staying inside SentencePiece keeps one file format (spm.model)
+and one code path for both cases.
+"""
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from absl import logging
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+from admin_jax.data import corpora
+from admin_jax.errors import UserError
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+_MODEL_NAME = 'spm.model'
+_POLL_SECONDS = 5
+
+
+class Tokenizer:
+  """SentencePiece with this project's conventions: EOS appended, PAD dropped."""
+
+  def __init__(self, model_proto: bytes):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size: int = self._sp.vocab_size()
+
+  @classmethod
+  def load(cls, path: str | Path) -> 'Tokenizer':
+    path = Path(path)
+    if not path.is_file():
+      raise UserError(f'No such SentencePiece model: {path}')
+    try:
+      return cls(path.read_bytes())
+    except RuntimeError as e:
+      raise UserError(f'Not a SentencePiece model: {path}') from e
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text) + [EOS_ID]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decodes up to the first EOS; ids past the vocabulary (padded embedding rows) become UNK."""
+    kept = []
+    for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+      if i == EOS_ID:
+        break
+      if i != PAD_ID:
+        kept.append(i if 0 <= i < self.vocab_size else UNK_ID)
+    return self._sp.decode(kept)
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """The configured model, else the workdir's (a resumed run), else a new one.
+
+  With several JAX processes only process 0 trains; the others wait for the
+  file, so every process ends up with the same vocabulary.
+  """
+  if config.data.spm_model:
+    return Tokenizer.load(config.data.spm_model)
+  path = Path(workdir) / _MODEL_NAME
+  if path.is_file():
+    return Tokenizer.load(path)
+  import jax  # Only needed here; keeps the tokenizer importable without JAX set up.
+  if jax.process_index() == 0:
+    proto = _train(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    tmp.write_bytes(proto)
+    os.replace(tmp, path)  # Atomic: the waiting processes never see a partial file.
+    logging.info('Wrote SentencePiece model %s', path)
+  else:
+    while not path.is_file():
+      logging.log_every_n_seconds(logging.INFO, 'Waiting for process 0 to write %s', 60, path)
+      time.sleep(_POLL_SECONDS)
+  return Tokenizer.load(path)
+
+
+def _train(config: ml_collections.ConfigDict) -> bytes:
+  """Trains on both sides of the training pairs; returns the serialized model."""
+  data = config.data
+  pairs = corpora.load_pairs(config, 'train')
+  if data.pretokenized:
+    options = dict(model_type='word', normalization_rule_name='identity',
+                   max_sentencepiece_length=512, split_by_number=False,
+                   split_by_unicode_script=False)
+  else:
+    options = dict(model_type=data.spm_model_type)
+  model = io.BytesIO()
+  start = time.time()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(s for pair in pairs for s in pair),
+        model_writer=model,
+        vocab_size=data.vocab_size,
+        # A small corpus gets a smaller vocabulary instead of an error.
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        input_sentence_size=data.spm_max_sentences,
+        shuffle_input_sentence=True,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+        **options)
+  except RuntimeError as e:
+    reason = str(e).strip().partition('\n')[0]
+    raise UserError(f'SentencePiece training failed: {reason}') from e
+  logging.info('Trained a %s SentencePiece model in %.1fs', options['model_type'],
+               time.time() - start)
+  return model.getvalue()

@@ -1,0 +1,69 @@
+"""Analytic training FLOPs of the encoder-decoder and the peak they are measured against.
+
+MaxText's convention: matmul FLOPs only (2 per multiply-add), attention scores and context
+counted over the full packed row, causal self-attention halved, embedding lookups free, and
+x3 for forward plus backward (rematerialisation is not counted: this is model FLOPs).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from admin_jax.model import TransformerConfig
+
+# Dense bf16 peak per device, TFLOP/s, from vendor data sheets (no sparsity).
+PEAK_TFLOPS = {
+    'H100': 989.0,
+    'H200': 989.0,
+    'A100': 312.0,
+    'TPU v4': 275.0,
+    'TPU v5 lite': 197.0,
+    'TPU v5e': 197.0,
+    'TPU v5p': 459.0,
+    'TPU v6 lite': 918.0,
+    'TPU v6e': 918.0,
+}
+
+
+def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+  """FLOPs of one training step (forward + backward) on `batch` rows of the given lengths."""
+  d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+  s, t = batch * src_len, batch * tgt_len  # tokens per side
+  ffn = 2 * 2 * d * f
+  encoder_layer = s * (2 * d * 3 * d + 2 * d * d + ffn) + 2 * 2 * batch * src_len * src_len * d
+  decoder_layer = (t * (2 * d * 3 * d + 2 * d * d)  # self-attention projections
+                   + 2 * 2 * batch * tgt_len * tgt_len * d / 2  # causal scores + context
+                   + t * 2 * d * d + s * 2 * d * 2 * d + t * 2 * d * d  # cross q, kv (per source token), out
+                   + 2 * 2 * batch * tgt_len * src_len * d  # cross scores + context
+                   + t * ffn)
+  logits = t * 2 * d * v
+  forward = cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer + logits
+  return 3.0 * forward
+
+
+def device_peak_tflops(device: jax.Device | None = None) -> tuple[float, str]:
+  """(peak TFLOP/s, where it came from): the data sheet for known chips, else a measured matmul."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  for name, peak in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f'datasheet:{name}'
+  return measured_matmul_tflops(device), 'measured-matmul'
+
+
+def measured_matmul_tflops(device: jax.Device | None = None, n: int | None = None, repeats: int = 5) -> float:
+  """Best observed TFLOP/s of an n x n matmul in the compute dtype of the device."""
+  device = device or jax.devices()[0]
+  on_accelerator = device.platform != 'cpu'
+  n = n or (8192 if on_accelerator else 512)
+  dtype = jnp.bfloat16 if on_accelerator else jnp.float32
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e12

@@ -1,0 +1,148 @@
+"""Admin's profiling pass: omega for every sublayer from one training-mode forward (spec 2).
+
+The reference runs a separate single-GPU job that writes `profile.ratio.init`. Here the pass is
+one jitted computation over the training mesh, run inside the training program before step 0,
+on the first training batch with the first step's dropout key. The encoder and decoder each
+carry their own running scalar r through their scanned layers; see `model/residual.py`.
+Only omega changes: every other parameter keeps its initial value.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+
+from admin_jax.errors import UserError
+from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
+from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER
+from admin_jax.train_step import Setup
+from admin_jax.train_step import TrainState
+from admin_jax.train_step import micro_batch_rng
+from admin_jax.train_step import model_from
+from admin_jax.train_step import step_rng
+
+OMEGA_JSON = 'omega.json'
+REFERENCE_PROFILE = 'profile.ratio.init'
+OMEGA_PNG = 'omega.png'
+
+Omegas = dict[str, np.ndarray]
+
+
+def profile_omegas(setup: Setup, state: TrainState, batch: dict[str, jax.Array], *,
+                   mask_padding: bool) -> Omegas:
+  """Runs the pass on `batch` (one micro-batch, sharded like training) with step 0's dropout key."""
+
+  def run(state, batch):
+    rng = micro_batch_rng(step_rng(state), 0)
+    return model_from(setup, state.params).profile_omegas(batch, rng=rng, mask_padding=mask_padding)
+
+  with jax.set_mesh(setup.mesh):
+    omegas = jax.jit(run)(state, batch)
+  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in omegas.items()}
+
+
+def with_omegas(setup: Setup, state: TrainState, omegas: Omegas) -> TrainState:
+  """The state with omega vectors filled from the profile; all other leaves untouched."""
+
+  def fill(params):
+    model = model_from(setup, params)
+    model.set_omegas(jnp.asarray(omegas['encoder']), jnp.asarray(omegas['decoder']))
+    return nnx.split(model)[1]
+
+  with jax.set_mesh(setup.mesh):
+    params = jax.jit(fill, out_shardings=setup.state_shardings.params)(state.params)
+  return TrainState(state.step, params, state.opt_state, state.rng, state.bad_steps, state.skipped_steps)
+
+
+def batch_statistics(batch: dict[str, np.ndarray]) -> dict[str, int]:
+  """What the profile was measured on, recorded next to it for reproducibility."""
+  stats = {}
+  for side in ('inputs', 'targets'):
+    segments = np.asarray(batch[f'{side}_segmentation'])
+    stats[f'{side}_shape'] = list(segments.shape)
+    stats[f'{side}_tokens'] = int((segments > 0).sum())
+    stats[f'{side}_sentences'] = int(sum(len(set(row[row > 0].tolist())) for row in segments))
+  return stats
+
+
+def expected_counts(num_encoder_layers: int, num_decoder_layers: int) -> tuple[int, int]:
+  return ENCODER_SUBLAYERS_PER_LAYER * num_encoder_layers, DECODER_SUBLAYERS_PER_LAYER * num_decoder_layers
+
+
+def write_profile(workdir: str, omegas: Omegas, stats: dict) -> None:
+  """DIR/omega.json, DIR/profile.ratio.init (the reference's `index value` format) and DIR/omega.png."""
+  os.makedirs(workdir, exist_ok=True)
+  record = {'encoder': [float(v) for v in omegas['encoder']],
+            'decoder': [float(v) for v in omegas['decoder']],
+            'batch': stats}
+  _atomic_write(os.path.join(workdir, OMEGA_JSON), json.dumps(record, indent=2))
+  lines = [f'{i} {v!r}' for stack in ('encoder', 'decoder') for i, v in enumerate(record[stack], start=1)]
+  _atomic_write(os.path.join(workdir, REFERENCE_PROFILE), '\n'.join(lines) + '\n')
+  from admin_jax.analysis.omega import plot_omegas
+  plot_omegas(omegas, os.path.join(workdir, OMEGA_PNG))
+
+
+def read_profile(path: str, num_encoder_layers: int, num_decoder_layers: int) -> Omegas:
+  """Reads omega.json or a reference profile file and checks it fits the model.
+
+  Reference files hold `index value` lines, encoder then decoder, the index restarting at 1
+  for the decoder; deepnmt's value-only variant is split by the model's sublayer counts.
+  """
+  n_enc, n_dec = expected_counts(num_encoder_layers, num_decoder_layers)
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as error:
+    raise UserError(f'cannot read profile {path}: {error.strerror}') from None
+  try:
+    if path.endswith('.json'):
+      record = json.loads(text)
+      omegas = {k: np.asarray(record[k], np.float64) for k in ('encoder', 'decoder')}
+    else:
+      omegas = _parse_reference(text, n_enc)
+  except (ValueError, KeyError, TypeError) as error:
+    raise UserError(f'profile {path} is malformed: {error}') from None
+  got = (len(omegas['encoder']), len(omegas['decoder']))
+  if got != (n_enc, n_dec):
+    raise UserError(f'profile {path} has {got[0]} encoder and {got[1]} decoder sublayers; '
+                    f'the model has {n_enc} and {n_dec}')
+  return omegas
+
+
+def _parse_reference(text: str, num_encoder_sublayers: int) -> Omegas:
+  rows = [line.split() for line in text.splitlines() if line.strip()]
+  if all(len(r) == 1 for r in rows):
+    values = [float(r[0]) for r in rows]
+    return {'encoder': np.asarray(values[:num_encoder_sublayers]),
+            'decoder': np.asarray(values[num_encoder_sublayers:])}
+  stacks: list[list[float]] = []
+  for row in rows:
+    if len(row) != 2:
+      raise ValueError(f'expected "index value", got {" ".join(row)!r}')
+    index, value = int(float(row[0])), float(row[1])
+    if index == 1:
+      stacks.append([])
+    if not stacks or index != len(stacks[-1]) + 1:
+      raise ValueError(f'sublayer index {index} out of order')
+    stacks[-1].append(value)
+  if len(stacks) != 2:
+    raise ValueError(f'expected an encoder and a decoder section, found {len(stacks)}')
+  return {'encoder': np.asarray(stacks[0]), 'decoder': np.asarray(stacks[1])}
+
+
+def find_existing_profile(workdir: str, configured_path: str) -> str | None:
+  """The profile a run must reuse: the configured one, else one already in the workdir."""
+  if configured_path:
+    return configured_path
+  path = os.path.join(workdir, OMEGA_JSON)
+  return path if os.path.exists(path) else None
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)

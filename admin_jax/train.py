@@ -1,0 +1,222 @@
+"""Training: `python -m admin_jax.train --config=configs/demo.py --workdir=DIR`.
+
+Read top to bottom: set up (tokenizer, mesh, sharded state), resume or profile omega, compile
+the step ahead of time, then loop: step, log, evaluate, checkpoint, stop when told to.
+"""
+
+import json
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from admin_jax import checkpoint as checkpoint_lib
+from admin_jax import cli
+from admin_jax import distributed
+from admin_jax import evaluation
+from admin_jax import flops
+from admin_jax import metrics as metrics_lib
+from admin_jax import optim
+from admin_jax import profiling
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.data import pipeline
+from admin_jax.data import tokenizer as tokenizer_lib
+from admin_jax.errors import UserError
+from admin_jax.model import TransformerConfig
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT (preemption) into a request to save and exit after the current step."""
+
+  def __init__(self):
+    self.received: str | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+
+def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir whose saved config describes a different model, naming the keys."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  differing = [f'model.{k} ({saved["model"].get(k)!r} -> {v!r})' for k, v in config.model.to_dict().items()
+               if k not in ('dropout', 'attention_dropout', 'activation_dropout', 'remat', 'dtype')
+               and saved.get('model', {}).get(k) != v]
+  for key in ('vocab_size', 'src_lang', 'tgt_lang'):
+    if saved.get('data', {}).get(key) != config.data[key]:
+      differing.append(f'data.{key} ({saved["data"].get(key)!r} -> {config.data[key]!r})')
+  if differing:
+    raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
+                    'use a new --workdir')
+
+
+def stack_micro_batches(iterator, count: int) -> dict[str, np.ndarray]:
+  batches = [next(iterator) for _ in range(count)]
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_step_lib.TrainState:
+  """Admin: reuse a given or existing profile, else profile the first training batch."""
+  model = config.model
+  existing = profiling.find_existing_profile(workdir, config.admin.profile_path)
+  if existing:
+    omegas = profiling.read_profile(existing, model.num_encoder_layers, model.num_decoder_layers)
+    logging.info('omega from %s', existing)
+  else:
+    position = train_iter.get_state()
+    first = next(train_iter)
+    train_iter.set_state(position)  # step 0 trains on the same batch
+    start = time.perf_counter()
+    omegas = profiling.profile_omegas(setup, state, sharding.global_batch(first, mesh),
+                                      mask_padding=config.admin.mask_padding)
+    if distributed.is_lead():
+      profiling.write_profile(workdir, omegas, profiling.batch_statistics(first))
+    print(f'profiled omega in {time.perf_counter() - start:.1f}s: encoder '
+          f'{omegas["encoder"][0]:.3f}..{omegas["encoder"][-1]:.3f}, decoder '
+          f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {os.path.join(workdir, "omega.json")}')
+  return profiling.with_omegas(setup, state, omegas)
+
+
+def compile_step(step_fn, state, micro_batches, mesh):
+  """Compiles the train step before step 0 and logs how long it took and how much memory it needs."""
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, micro_batches).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  footprint = {}
+  if memory is not None:
+    for field in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+                  'generated_code_size_in_bytes'):
+      footprint[field.replace('_size_in_bytes', '_mib')] = round(getattr(memory, field, 0) / 2 ** 20, 1)
+  print(f'compiled train step in {seconds:.1f}s; memory (MiB): {footprint}')
+  return compiled, {'compile_seconds': seconds, **{f'memory_{k}': v for k, v in footprint.items()}}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  lead = distributed.is_lead()
+  if lead:
+    check_workdir_compatible(config, workdir)
+    cli.write_config(config, workdir)
+
+  tokenizer = tokenizer_lib.load_or_train_tokenizer(config, workdir)
+  model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
+  mesh = sharding.make_mesh(config.mesh)
+  tx, schedule = optim.make_optimizer(config.train)
+  setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed)
+  train_iter = pipeline.train_iterator(config, tokenizer, seed=config.train.seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                           every_steps=config.checkpoint.every_steps)
+  meta = {'config': config.to_dict(), 'vocab_size': tokenizer.vocab_size}
+
+  abstract = checkpoint_lib.abstract_like(jax.eval_shape(lambda: state), setup.state_shardings)
+  restored = checkpoints.restore_latest_intact(abstract)
+  if restored:
+    step, state, data_state, _ = restored
+    train_iter.set_state(data_state)
+    print(f'resumed from {checkpoints.directory}/{step}')
+  elif model_cfg.residual == 'admin':
+    state = initial_omegas(config, workdir, setup, state, train_iter, mesh)
+
+  accum = config.train.grad_accum
+  first = stack_micro_batches(train_iter, accum)
+  micro_batches = sharding.global_batch(first, mesh, micro_batched=True)
+  micro_sharding = jax.tree.map(lambda a: a.sharding, micro_batches)
+  step_fn, compile_info = compile_step(train_step_lib.jit_train_step(setup, config.train, micro_sharding),
+                                       state, micro_batches, mesh)
+  rows, length = micro_batches['targets'].shape[1:]
+  step_flops = accum * flops.training_flops(model_cfg, rows, length, length)
+  peak, peak_source = flops.device_peak_tflops()
+  writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
+  writer.write(int(state.step), {**compile_info, 'peak_tflops': peak, 'peak_source': peak_source})
+
+  evaluator = evaluation.Evaluator(config, tokenizer, setup, mesh)
+  stop = StopSignal()
+  start_step = int(state.step)
+  num_steps = config.train.num_steps
+  window = []
+  window_start = time.perf_counter()
+  progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
+  step = start_step
+  while step < num_steps:
+    with jax.set_mesh(mesh):
+      state, step_metrics = step_fn(state, micro_batches)
+    step += 1
+    window.append(step_metrics)
+    progress.update(1)
+    if step < num_steps:
+      micro_batches = sharding.global_batch(stack_micro_batches(train_iter, accum), mesh, micro_batched=True)
+
+    if step % config.train.log_every_steps == 0 or step == num_steps:
+      fetched = jax.device_get(window)
+      seconds = time.perf_counter() - window_start
+      tokens = sum(float(m['tokens']) for m in fetched)
+      weights = [float(m['tokens']) for m in fetched]
+      loss = float(np.average([m['loss'] for m in fetched], weights=weights))
+      nll = float(np.average([m['nll'] for m in fetched], weights=weights))
+      tflops = len(fetched) * step_flops / seconds / 1e12 / jax.device_count()
+      record = {'loss': loss, 'nll': nll, 'ppl': float(np.exp(nll)), 'lr': float(fetched[-1]['lr']),
+                'grad_norm': float(fetched[-1]['grad_norm']), 'tokens_per_sec': tokens / seconds,
+                'tflops_per_device': tflops, 'mfu': tflops / peak,
+                'skipped_steps': int(state.skipped_steps)}
+      writer.write(step, record)
+      progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tokens / seconds:,.0f}')
+      window, window_start = [], time.perf_counter()
+      if not all(bool(m['finite']) for m in fetched) and int(state.bad_steps) >= config.train.max_bad_steps:
+        checkpoints.wait()
+        last = checkpoints.latest_step()
+        raise UserError(f'training diverged: {int(state.bad_steps)} consecutive non-finite steps up to step {step}; '
+                        f'last good checkpoint: {last if last is not None else "none"}')
+
+    eval_metrics = None
+    if config.eval.every_steps and step % config.eval.every_steps == 0:
+      eval_metrics = evaluator.validate(state.params)
+      writer.write(step, eval_metrics)
+      tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()))
+    checkpoints.save(step, state, train_iter.get_state(), meta,
+                     metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
+                     force=step == num_steps)
+    if distributed.any_process(stop.received is not None):
+      checkpoints.save(step, state, train_iter.get_state(), meta, force=True)
+      checkpoints.wait()
+      progress.close()
+      print(f'stopped by {stop.received or "another process"} at step {step}; '
+            f'saved {checkpoints.directory}/{step}')
+      return {'step': step, 'preempted': True}
+
+  progress.close()
+  checkpoints.wait()
+  results = {'step': step}
+  if config.eval.every_steps >= 0:
+    results.update(evaluator.test(state.params, workdir))
+    writer.write(step, results)
+    print(f'test BLEU {results["test_bleu"]:.2f} ({results["test_bleu_signature"]})')
+  writer.close()
+  if lead:
+    metrics_lib.plot_training_curves(workdir)
+  return results
+
+
+def main(argv):
+  del argv
+  config = cli.load_config()
+  workdir = cli.require_workdir()
+  distributed.initialize()
+  train_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,146 @@
+"""The train state, created already sharded, and the jitted train and eval steps."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+import optax
+
+from admin_jax import losses
+from admin_jax import sharding
+from admin_jax.model import Transformer
+from admin_jax.model import TransformerConfig
+
+Batch = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  """Everything that changes during training; parameters keep their logical-axis metadata."""
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # base key; step t uses fold_in(rng, t)
+  bad_steps: jax.Array  # consecutive non-finite steps
+  skipped_steps: jax.Array  # all non-finite steps so far
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What is static for a run: the model's graph, the optimizer and the state's shardings."""
+  model_cfg: TransformerConfig
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: Any
+  mesh: jax.sharding.Mesh
+
+
+def model_from(setup: Setup, params: nnx.State) -> Transformer:
+  return nnx.merge(setup.graphdef, params)
+
+
+def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
+                       schedule: optax.Schedule, mesh: jax.sharding.Mesh, seed: int) -> tuple[Setup, TrainState]:
+  """Initialises parameters and optimizer state directly in their shards (never whole on one host)."""
+  abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+  graphdef, _ = nnx.split(abstract_model)
+
+  def init() -> TrainState:
+    _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    zero = jnp.zeros([], jnp.int32)
+    return TrainState(zero, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), zero, zero)
+
+  shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return Setup(model_cfg, graphdef, tx, schedule, shardings, mesh), state
+
+
+def step_rng(state: TrainState) -> jax.Array:
+  """The dropout key of the state's current step; the profiling pass replays the first one."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def micro_batch_rng(rng: jax.Array, index: int | jax.Array) -> jax.Array:
+  return jax.random.fold_in(rng, index)
+
+
+def _summed_loss(setup: Setup, params: nnx.State, batch: Batch, rng: jax.Array | None,
+                 label_smoothing: float) -> tuple[jax.Array, losses.TokenLosses]:
+  logits = model_from(setup, params)(batch, rng=rng)
+  sums = losses.label_smoothed_cross_entropy(logits, batch['targets'], batch['targets_segmentation'] > 0,
+                                             label_smoothing)
+  return sums.loss, sums
+
+
+def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], tuple]:
+  """One optimizer update from `grad_accum` micro-batches stacked on a leading axis.
+
+  Gradients of summed token losses are added over micro-batches and divided by the total
+  number of target tokens, so accumulation equals one large batch exactly. A non-finite loss
+  or gradient skips the update (parameters and optimizer state unchanged) and is counted.
+  """
+  grad_fn = jax.value_and_grad(_summed_loss, argnums=1, has_aux=True)
+
+  def train_step(state: TrainState, micro_batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = step_rng(state)
+
+    def accumulate(carry, xs):
+      grads, totals = carry
+      index, batch = xs
+      (_, sums), g = grad_fn(setup, state.params, batch, micro_batch_rng(rng, index), train.label_smoothing)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, sums)), None
+
+    num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    totals = losses.TokenLosses(*(jnp.zeros([], jnp.float32) for _ in range(3)))
+    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals), (jnp.arange(num_micro), micro_batches))
+    tokens = jnp.maximum(totals.tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(totals.loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_new(params, state.params),
+        opt_state=keep_new(opt_state, state.opt_state),
+        rng=state.rng,
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = {
+        'loss': totals.loss / tokens,
+        'nll': totals.nll / tokens,
+        'tokens': totals.tokens,
+        'grad_norm': grad_norm,
+        'lr': setup.schedule(state.step),
+        'finite': finite,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(setup: Setup, label_smoothing: float) -> Callable[[nnx.State, Batch], losses.TokenLosses]:
+  """Summed validation losses of one batch, dropout off."""
+
+  def eval_step(params: nnx.State, batch: Batch) -> losses.TokenLosses:
+    return _summed_loss(setup, params, batch, None, label_smoothing)[1]
+
+  return eval_step
+
+
+def jit_train_step(setup: Setup, train: ml_collections.ConfigDict, micro_batch_sharding) -> Callable:
+  """The train step under jit with explicit shardings; the state is donated."""
+  return jax.jit(make_train_step(setup, train),
+                 in_shardings=(setup.state_shardings, micro_batch_sharding),
+                 out_shardings=(setup.state_shardings, None),
+                 donate_argnums=0)

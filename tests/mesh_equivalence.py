@@ -1,0 +1,56 @@
+"""Runs the profiling pass and 5 train steps of a tiny model on several meshes; prints JSON.
+
+Executed in a child process with 8 host CPU devices by test_profiling.py and test_train.py.
+"""
+
+import json
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from admin_jax import optim
+from admin_jax import profiling
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.model import TransformerConfig
+from conftest import packed_batch
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+
+
+def main() -> None:
+  jax.config.update('jax_disable_most_optimizations', True)  # compile time dominates on tiny models
+  train = ml_collections.ConfigDict(dict(optimizer='adam', lr=1e-3, warmup_steps=2, warmup_init_lr=1e-7, b1=0.9,
+                                         b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
+  model_cfg = TransformerConfig(vocab_size=64, residual='admin', num_encoder_layers=2, num_decoder_layers=2,
+                                d_model=32, ffn_dim=64, num_heads=4, dtype='float32')
+  rng = np.random.default_rng(0)
+  batches = [packed_batch(rng, 8, 16, 64, [[5, 11], [16], [7, 9], [3, 4, 9], [16], [12], [2, 14], [8, 8]])
+             for _ in range(5)]
+  results = {}
+  for shape in MESHES:
+    devices = jax.devices()[:int(np.prod(shape))]
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices)
+    tx, schedule = optim.make_optimizer(train)
+    setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
+    omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
+    state = profiling.with_omegas(setup, state, omegas)
+    micro = sharding.global_batch({k: v[None] for k, v in batches[0].items()}, mesh, micro_batched=True)
+    step = train_step_lib.jit_train_step(setup, train, jax.tree.map(lambda a: a.sharding, micro))
+    losses = []
+    for batch in batches:
+      micro = sharding.global_batch({k: v[None] for k, v in batch.items()}, mesh, micro_batched=True)
+      with jax.set_mesh(mesh):
+        state, metrics = step(state, micro)
+      losses.append(float(metrics['loss']))
+    specs = {'/'.join(str(p) for p in path): str(v.sharding.spec)
+             for path, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    results['x'.join(map(str, shape))] = {
+        'omegas': {k: v.tolist() for k, v in omegas.items()}, 'losses': losses, 'specs': specs}
+  json.dump(results, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,159 @@
+"""The Admin profiling pass against an independent NumPy recurrence, across meshes and files."""
+
+import json
+import math
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+import numpy as np
+import pytest
+
+from admin_jax import optim
+from admin_jax import profiling
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.errors import UserError
+from admin_jax.model import Transformer
+from admin_jax.model import TransformerConfig
+from admin_jax.model.transformer import decoder_inputs
+from conftest import REPO
+from conftest import packed_batch
+from conftest import python
+from conftest import subprocess_env
+import numpy_reference as ref
+
+VOCAB = 50
+
+
+def tiny(**kw):
+  base = dict(vocab_size=VOCAB, residual='admin', num_encoder_layers=3, num_decoder_layers=3, d_model=16,
+              ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+  return TransformerConfig(**{**base, **kw})
+
+
+def numpy_profile(model: Transformer, batch) -> dict[str, list[float]]:
+  """Spec 2.2 in float64: omega_k := r, r := sqrt(Var[omega_k x] + Var[f_k]) over the padded tensor."""
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  d = model.cfg.d_model
+  table = params['embedding']['table']
+
+  def embed(tokens, positions, segments):
+    return np.where((segments > 0)[..., None], math.sqrt(d) * table[tokens] + ref.sinusoid(positions, d), 0.0)
+
+  def masks(q_seg, k_seg, causal):
+    m = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+    if causal:
+      m &= np.tril(np.ones((q_seg.shape[1], k_seg.shape[1]), bool))[None]
+    return m
+
+  def run_stack(x, stack, n_layers, branches):
+    r, omegas = 1.0, []
+    for layer in range(n_layers):
+      p = jax.tree.map(lambda a: a[layer], stack)
+      for name, branch in branches:
+        omegas.append(r)
+        f = np.stack([branch(p, x[b], b) for b in range(x.shape[0])])
+        shortcut = r * x
+        r = math.sqrt(shortcut.var() + f.var())
+        x = ref.layer_norm(shortcut + f, p[f'{name}_residual']['norm'])
+    return x, omegas
+
+  src_seg, tgt_seg = batch['inputs_segmentation'], batch['targets_segmentation']
+  enc_mask, self_mask, cross_mask = masks(src_seg, src_seg, False), masks(tgt_seg, tgt_seg, True), masks(
+      tgt_seg, src_seg, False)
+  x = embed(batch['inputs'], batch['inputs_position'], src_seg)
+  enc = params['encoder']['layers']
+  memory, enc_omegas = run_stack(x, enc, model.cfg.num_encoder_layers, [
+      ('self_attention', lambda p, y, b: ref.attention(y, y, p['self_attention'], enc_mask[b])),
+      ('ffn', lambda p, y, b: ref.ffn(y, p['ffn']))])
+  y = embed(np.asarray(decoder_inputs(batch['targets'], batch['targets_position'], tgt_seg)),
+            batch['targets_position'], tgt_seg)
+  dec = params['decoder']['layers']
+  _, dec_omegas = run_stack(y, dec, model.cfg.num_decoder_layers, [
+      ('self_attention', lambda p, y, b: ref.attention(y, y, p['self_attention'], self_mask[b])),
+      ('cross_attention', lambda p, y, b: ref.attention(y, memory[b], p['cross_attention'], cross_mask[b])),
+      ('ffn', lambda p, y, b: ref.ffn(y, p['ffn']))])
+  return {'encoder': enc_omegas, 'decoder': dec_omegas}
+
+
+def test_profile_matches_numpy_recurrence(np_rng):
+  model = Transformer(tiny(), rngs=nnx.Rngs(0))
+  batch = packed_batch(np_rng, 3, 12, VOCAB, [[5, 7], [12], [4]])  # row 3 mostly padding
+  omegas = nnx.jit(lambda m, b: m.profile_omegas(b, rng=None))(model, batch)
+  expected = numpy_profile(model, batch)
+  for stack in ('encoder', 'decoder'):
+    np.testing.assert_allclose(np.asarray(omegas[stack]), expected[stack], rtol=1e-5, atol=1e-5)
+    assert omegas[stack][0] == 1.0
+    assert np.all(np.diff(np.asarray(omegas[stack])) > 0), 'omega grows with depth at initialisation'
+
+
+def _setup(seed=0, dropout=0.1):
+  train = ml_collections.ConfigDict(dict(optimizer='radam', lr=1e-3, warmup_steps=10, warmup_init_lr=1e-7, b1=0.9,
+                                         b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
+  tx, schedule = optim.make_optimizer(train)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  cfg = tiny(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+  return train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed), mesh
+
+
+def test_dropout_profile_is_deterministic_per_seed(np_rng):
+  batch = packed_batch(np_rng, 2, 12, VOCAB, [[5, 4], [6]])  # a third of the tokens are padding
+  (setup, state), mesh = _setup(seed=0)
+  first = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
+  again = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
+  (setup_off, state_off), _ = _setup(seed=0, dropout=0.0)
+  off = profiling.profile_omegas(setup_off, state_off, sharding.global_batch(batch, mesh), mask_padding=False)
+  masked = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=True)
+  for stack in ('encoder', 'decoder'):
+    np.testing.assert_array_equal(first[stack], again[stack])
+    assert not np.allclose(first[stack], off[stack]), 'dropout is active during profiling'
+    assert not np.allclose(first[stack], masked[stack]), 'mask_padding changes the statistic'
+
+
+def test_with_omegas_changes_only_omega(np_rng):
+  (setup, state), mesh = _setup()
+  before = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+  omegas = {'encoder': np.arange(1, 7) * 0.5, 'decoder': np.arange(1, 10) * 0.25}
+  after = profiling.with_omegas(setup, state, omegas)
+  model = train_step_lib.model_from(setup, after.params)
+  np.testing.assert_allclose(model.get_omegas()['encoder'], omegas['encoder'], rtol=1e-6)
+  np.testing.assert_allclose(model.get_omegas()['decoder'], omegas['decoder'], rtol=1e-6)
+  for (path, old), (_, new) in zip(before, jax.tree_util.tree_flatten_with_path(jax.device_get(after.params))[0]):
+    if 'omega' not in jax.tree_util.keystr(path):
+      np.testing.assert_array_equal(old, new)
+
+
+def test_profile_files_round_trip_and_mismatch(tmp_path):
+  omegas = {'encoder': np.array([1.0, 1.25, 1.5, 1.625]), 'decoder': np.array([1.0, 1.5, 1.75, 2.0, 2.25, 2.5])}
+  profiling.write_profile(str(tmp_path), omegas, {'inputs_tokens': 3})
+  assert (tmp_path / 'omega.png').stat().st_size > 0
+  lines = (tmp_path / 'profile.ratio.init').read_text().splitlines()
+  assert lines[0] == '1 1.0' and lines[4] == '1 1.0' and lines[-1].startswith('6 ')
+  for name in ('omega.json', 'profile.ratio.init'):
+    back = profiling.read_profile(str(tmp_path / name), 2, 2)
+    for stack in omegas:
+      np.testing.assert_array_equal(back[stack], omegas[stack])
+  with pytest.raises(UserError, match='has 4 encoder and 6 decoder sublayers; the model has 12 and 18'):
+    profiling.read_profile(str(tmp_path / 'profile.ratio.init'), 6, 6)
+  values_only = tmp_path / 'values.init'
+  values_only.write_text('\n'.join(str(v) for v in [*omegas['encoder'], *omegas['decoder']]))
+  np.testing.assert_array_equal(profiling.read_profile(str(values_only), 2, 2)['decoder'], omegas['decoder'])
+
+
+@pytest.fixture(scope='session')
+def mesh_results():
+  out = subprocess.run([python(), str(REPO / 'tests' / 'mesh_equivalence.py')], env=subprocess_env(devices=8),
+                       cwd=REPO / 'tests', capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x2x2', '1x1x8'])
+def test_meshes_give_single_device_omegas(mesh_results, mesh):
+  for stack in ('encoder', 'decoder'):
+    np.testing.assert_allclose(mesh_results[mesh]['omegas'][stack], mesh_results['1x1x1']['omegas'][stack],
+                               rtol=1e-5)
