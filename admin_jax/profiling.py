@@ -81,7 +81,7 @@ def write_profile(workdir: str, omegas: Omegas, stats: dict) -> None:
   _atomic_write(os.path.join(workdir, OMEGA_JSON), json.dumps(record, indent=2))
   lines = [f'{i} {v!r}' for stack in ('encoder', 'decoder') for i, v in enumerate(record[stack], start=1)]
   _atomic_write(os.path.join(workdir, REFERENCE_PROFILE), '\n'.join(lines) + '\n')
-  from admin_jax.analysis.omega import plot_omegas
+  from admin_jax.analysis.plots import plot_omegas
   plot_omegas(omegas, os.path.join(workdir, OMEGA_PNG))
 
 

@@ -103,7 +103,7 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
     (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals), (jnp.arange(num_micro), micro_batches))
     tokens = jnp.maximum(totals.tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(totals.loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)

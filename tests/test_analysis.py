@@ -24,8 +24,8 @@ VOCAB = 200
 
 
 def config(residual: str, **overrides) -> TransformerConfig:
-  kw = dict(vocab_size=VOCAB, residual=residual, num_encoder_layers=4, num_decoder_layers=2, d_model=32,
-            ffn_dim=64, num_heads=4)
+  kw = dict(vocab_size=VOCAB, residual=residual, num_encoder_layers=6, num_decoder_layers=2, d_model=64,
+            ffn_dim=256, num_heads=4)
   kw.update(overrides)
   return probe.probe_config(TransformerConfig(**kw))
 
@@ -54,16 +54,21 @@ def assert_png(path):
 # --- the tap in the model ----------------------------------------------------------------------
 
 def test_trace_is_the_forward_and_chains_sublayers(models, batch):
-  model = models['admin']
-  logits, traced = model.trace(batch, probe.zero_offsets(model.cfg, batch))
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(model(batch)), atol=1e-6)
+  graphdef, state = nnx.split(models['admin'])
+
+  @jax.jit
+  def run(state):
+    model = nnx.merge(graphdef, state)
+    memory = model.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'])
+    return model(batch), memory, model.trace(batch, probe.zero_offsets(model.cfg, batch))
+
+  logits, memory, (traced_logits, traced) = run(state)
+  np.testing.assert_array_equal(np.asarray(traced_logits), np.asarray(logits))
   enc, dec = traced['encoder'], traced['decoder']
-  assert enc.output.shape == (4, 2, 4, 12, 32) and dec.branch.shape == (2, 3, 4, 12, 32)
+  assert enc.output.shape == (6, 2, 4, 12, 64) and dec.branch.shape == (2, 3, 4, 12, 64)
   # x_k is the next sublayer's input, and the last one is the encoder output.
-  outputs = np.asarray(enc.output).reshape(8, 4, 12, 32)
-  inputs = np.asarray(enc.input).reshape(8, 4, 12, 32)
-  np.testing.assert_array_equal(outputs[:-1], inputs[1:])
-  memory = model.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'])
+  outputs = np.asarray(enc.output).reshape(12, 4, 12, 64)
+  np.testing.assert_array_equal(outputs[:-1], np.asarray(enc.input).reshape(12, 4, 12, 64)[1:])
   np.testing.assert_allclose(outputs[-1], np.asarray(memory), atol=1e-6)
 
 
@@ -112,7 +117,7 @@ def test_output_change_grows_linearly_for_post_ln_only(tmp_path):
 def test_grad_norms_shapes_and_last_sublayer_against_the_logits(models, batch):
   for residual, model in models.items():
     norms = grad_norms.grad_norms(model, batch)
-    assert norms['encoder'].shape == (8,) and norms['decoder'].shape == (6,), residual
+    assert norms['encoder'].shape == (12,) and norms['decoder'].shape == (6,), residual
     assert all(np.isfinite(v).all() and (v > 0).all() for v in norms.values()), residual
   # Post-LN's last decoder output x_K feeds the logits x_K E^T directly, so
   # dL/dx_K = (softmax - onehot) E / tokens.
@@ -130,26 +135,26 @@ def test_dependency_components_sum_to_each_sublayer_output(models, batch):
   for residual, model in models.items():
     _, traced = model.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
                                     probe.zero_offsets(model.cfg, batch)['encoder'])
-    outputs = np.asarray(traced.output).reshape(8, 4, 12, 32)
+    outputs = np.asarray(traced.output).reshape(12, 4, 12, 64)
     for i, parts in enumerate(dependency.components(model, batch)):
       assert len(parts) == i + 2
       np.testing.assert_allclose(sum(parts), outputs[i], atol=2e-4, err_msg=f'{residual} x_{i + 1}')
 
 
-def test_dependency_post_ln_leans_on_its_own_branch(batch):
-  betas = {r: dependency.dependency(probe.build_model(config(r, num_encoder_layers=6, d_model=64, ffn_dim=256), batch,
-                                                      seed=0), batch)
-           for r in ('post_ln', 'pre_ln')}
+def test_dependency_post_ln_leans_on_its_own_branch(models, batch):
+  betas = {r: dependency.dependency(model, batch) for r, model in models.items()}
   for r, beta in betas.items():
     assert beta.shape == (12, 13) and np.isfinite(beta).all(), r
     np.testing.assert_allclose(np.square(beta).sum(1), 1.0, rtol=1e-9)
     assert not np.triu(beta[:, 1:], 1).any()
-  post, pre = np.diag(betas['post_ln'][:, 1:]), np.diag(betas['pre_ln'][:, 1:])
-  print(f'diagonal beta_ii  post_ln {np.array2string(post, precision=2)}\n'
-        f'                  pre_ln  {np.array2string(pre, precision=2)}')
+  diagonal = {r: np.diag(beta[:, 1:]) for r, beta in betas.items()}
+  for r, values in diagonal.items():
+    print(f'diagonal beta_ii {r:8s} {np.array2string(values, precision=2)}')
+  post = diagonal['post_ln']
   assert 0.35 < post.mean() < 0.65 and post.min() > 0.25  # ~0.5 for every layer
-  assert pre[6:].mean() < 0.8 * post.mean()
-  assert betas['pre_ln'][-1, 0] > 2 * betas['post_ln'][-1, 0]  # Pre-LN keeps the embedding
+  for r in ('pre_ln', 'admin'):  # Admin at initialisation looks like Pre-LN
+    assert diagonal[r][6:].mean() < 0.8 * post.mean(), r
+    assert betas[r][-1, 0] > 2 * betas['post_ln'][-1, 0], r  # and keeps leaning on the embedding
 
 
 # --- the commands' files -----------------------------------------------------------------------
@@ -157,14 +162,14 @@ def test_dependency_post_ln_leans_on_its_own_branch(batch):
 def test_grad_norms_and_dependency_write_csv_and_png(models, batch, tmp_path):
   rows = grad_norms.run(models, batch, str(tmp_path))
   table = read_csv(tmp_path / 'grad_norms.csv')
-  assert table[0] == list(grad_norms.HEADER) and len(table) == 1 + len(rows) == 1 + 3 * (8 + 6)
+  assert table[0] == list(grad_norms.HEADER) and len(table) == 1 + len(rows) == 1 + 3 * (12 + 6)
   assert table[1][:4] == ['post_ln', 'encoder', '1', 'self_attn'] and table[-1][3] == 'ffn'
   assert {row[3] for row in table[1:] if row[1] == 'decoder'} == {'self_attn', 'cross_attn', 'ffn'}
   assert_png(tmp_path / 'grad_norms.png')
 
   betas = dependency.run({'post_ln (init)': models['post_ln']}, batch, str(tmp_path))
   table = read_csv(tmp_path / 'dependency.csv')
-  assert table[0] == list(dependency.HEADER) and len(table) == 1 + sum(range(2, 10))  # j = 0..i
+  assert table[0] == list(dependency.HEADER) and len(table) == 1 + sum(range(2, 14))  # j = 0..i
   assert float(table[1][3]) == pytest.approx(betas['post_ln (init)'][0, 0])
   assert_png(tmp_path / 'dependency.png')
 

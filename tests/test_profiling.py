@@ -1,8 +1,6 @@
 """The Admin profiling pass against an independent NumPy recurrence, across meshes and files."""
 
-import json
 import math
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +17,7 @@ from admin_jax.errors import UserError
 from admin_jax.model import Transformer
 from admin_jax.model import TransformerConfig
 from admin_jax.model.transformer import decoder_inputs
-from conftest import REPO
 from conftest import packed_batch
-from conftest import python
-from conftest import subprocess_env
 import numpy_reference as ref
 
 VOCAB = 50
@@ -142,14 +137,6 @@ def test_profile_files_round_trip_and_mismatch(tmp_path):
   values_only = tmp_path / 'values.init'
   values_only.write_text('\n'.join(str(v) for v in [*omegas['encoder'], *omegas['decoder']]))
   np.testing.assert_array_equal(profiling.read_profile(str(values_only), 2, 2)['decoder'], omegas['decoder'])
-
-
-@pytest.fixture(scope='session')
-def mesh_results():
-  out = subprocess.run([python(), str(REPO / 'tests' / 'mesh_equivalence.py')], env=subprocess_env(devices=8),
-                       cwd=REPO / 'tests', capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize('mesh', ['8x1x1', '2x2x2', '1x1x8'])

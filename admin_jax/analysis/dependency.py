@@ -16,6 +16,7 @@ initialisation, decay like 1/sqrt(i).
 """
 
 from collections.abc import Mapping
+import functools
 
 import jax
 from flax import nnx
@@ -29,6 +30,7 @@ from admin_jax.analysis import probe
 from admin_jax.errors import UserError
 from admin_jax.model import Transformer
 from admin_jax.model.layers import LN_EPS
+from admin_jax.model.residual import Sublayer
 from admin_jax.model.transformer import ENCODER_RESIDUALS
 
 HEADER = ('model', 'layer_i', 'component_j', 'beta')
@@ -38,20 +40,19 @@ def _centred(x: np.ndarray) -> np.ndarray:
   return x - x.mean(-1, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _trace_encoder(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> Sublayer:
+  model = nnx.merge(graphdef, state)
+  return model.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
+                             probe.zero_offsets(model.cfg, batch)['encoder'])[1]
+
+
 def components(model: Transformer, batch: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
   """For each encoder sublayer output x_i, its components [x_0 part, a_1 part, ..., a_i part].
 
   Each component is float64 [batch, length, d_model]; at initialisation they sum to x_i.
   """
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def trace(state, batch):
-    m = nnx.merge(graphdef, state)
-    return m.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
-                           probe.zero_offsets(m.cfg, batch)['encoder'])[1]
-
-  traced = jax.tree.map(lambda a: np.asarray(a, np.float64), trace(state, dict(batch)))
+  traced = jax.tree.map(lambda a: np.asarray(a, np.float64), _trace_encoder(*nnx.split(model), dict(batch)))
   residuals = [getattr(model.encoder.layers, name) for name in ENCODER_RESIDUALS]
   current = [traced.input[0, 0]]
   stages = []

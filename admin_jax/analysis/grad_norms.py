@@ -10,6 +10,7 @@ explain why Post-LN is unstable.
 """
 
 from collections.abc import Mapping
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +35,20 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arra
   return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def grad_norms(model: Transformer, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """{'encoder': [2N], 'decoder': [3M]}: ||dL/dx_k||_F per sublayer output, forward order."""
-  graphdef, state = nnx.split(model)
-
-  def loss(offsets, state, batch):
+@functools.partial(jax.jit, static_argnums=0)
+def _offset_grads(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def loss(offsets):
     logits, _ = nnx.merge(graphdef, state).trace(batch, offsets)
     return token_cross_entropy(logits, batch['targets'], (batch['targets_segmentation'] > 0).astype(jnp.float32))
 
-  grads = jax.jit(jax.grad(loss))(probe.zero_offsets(model.cfg, batch), state, dict(batch))
-  return {stack: np.sqrt(np.square(np.asarray(g, np.float64)).sum(axis=(2, 3, 4))).reshape(-1)
-          for stack, g in grads.items()}
+  return jax.grad(loss)(probe.zero_offsets(nnx.merge(graphdef, state).cfg, batch))
+
+
+def grad_norms(model: Transformer, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{'encoder': [2N], 'decoder': [3M]}: ||dL/dx_k||_F per sublayer output, forward order."""
+  grads = _offset_grads(*nnx.split(model), dict(batch))
+  return {stack: np.sqrt(np.square(np.asarray(grads[stack], np.float64)).sum(axis=(2, 3, 4))).reshape(-1)
+          for stack in sublayers.KINDS}
 
 
 def run(models: Mapping[str, Transformer], batch: Mapping[str, np.ndarray], out: str) -> list[tuple]:

@@ -1,0 +1,191 @@
+"""Sharded training: mesh equivalence, sharding rules, accumulation, optimizer, FLOPs, the demo run."""
+
+import json
+import math
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from admin_jax import flops
+from admin_jax import losses
+from admin_jax import optim
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.model import TransformerConfig
+from conftest import REPO
+from conftest import packed_batch
+from conftest import python
+from conftest import subprocess_env
+
+
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x2x4'])
+def test_meshes_give_single_device_losses(mesh_results, mesh):
+  np.testing.assert_allclose(mesh_results[mesh]['losses'], mesh_results['1x1x1']['losses'], rtol=1e-5)
+
+
+def test_parameters_sharded_as_the_rules_say(mesh_results):
+  specs = {k.replace("['", '').replace("']", '').replace('/.value', ''): v
+           for k, v in mesh_results['2x2x2']['specs'].items()}
+  assert specs['encoder/layers/ffn/fc1'] == "P(None, 'fsdp', 'tensor')"  # layers, embed, mlp
+  assert specs['encoder/layers/ffn/fc2'] == "P(None, 'tensor', 'fsdp')"
+  assert specs['decoder/layers/self_attention/qkv'] == "P(None, 'fsdp', None, 'tensor', None)"
+  assert specs['decoder/layers/cross_attention/out'] == "P(None, 'tensor', None, 'fsdp')"
+  assert specs['embedding/table'] == "P('tensor', 'fsdp')"  # vocab, embed
+  assert specs['encoder/layers/ffn_residual/omega'] == 'P(None, None)'  # small: replicated
+  tensor_only = mesh_results['1x1x8']['specs']
+  assert all('fsdp' not in spec for spec in tensor_only.values())
+
+
+def test_logical_rules_skip_used_and_indivisible_axes():
+  mesh = {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert sharding.logical_to_spec(('batch', 'length', 'embed'), (8, 4, 16), mesh) == jax.P(('data', 'fsdp'), None,
+                                                                                            None)
+  assert sharding.logical_to_spec(('embed', 'mlp'), (16, 32), mesh) == jax.P('fsdp', 'tensor')
+  assert sharding.logical_to_spec(('vocab', 'embed'), (7, 16), mesh) == jax.P(None, 'fsdp')
+
+
+def train_config(**kw) -> ml_collections.ConfigDict:
+  base = dict(optimizer='radam', lr=1e-3, warmup_steps=4, warmup_init_lr=1e-7, b1=0.9, b2=0.98, eps=1e-8,
+              weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1)
+  return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_grad_accumulation_equals_one_full_batch(np_rng):
+  cfg = TransformerConfig(vocab_size=40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
+                          ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  train = train_config(optimizer='adam')
+  tx, schedule = optim.make_optimizer(train)
+  setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0)
+  batch = packed_batch(np_rng, 4, 10, 40, [[3, 7], [10], [2, 2, 2], [9]])  # uneven token counts per half
+  step = jax.jit(train_step_lib.make_train_step(setup, train))
+  full_state, full = step(state, {k: v[None] for k, v in batch.items()})
+  halves_state, halves = step(state, {k: v.reshape(2, 2, 10) for k, v in batch.items()})
+  np.testing.assert_allclose(halves['loss'], full['loss'], rtol=1e-6)
+  np.testing.assert_allclose(halves['grad_norm'], full['grad_norm'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(halves_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def numpy_clinic_radam(grads, params, lr, b1=0.9, b2=0.98, eps=1e-8, wd=0.0):
+  """Transformer-Clinic's RAdam in float64: no step while N_sma < 5, decoupled decay first."""
+  p, m, v = params.astype(np.float64), np.zeros_like(params, np.float64), np.zeros_like(params, np.float64)
+  n_max = 2 / (1 - b2) - 1
+  out = []
+  for t, (g, rate) in enumerate(zip(grads, lr), start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    n = n_max - 2 * t * b2 ** t / (1 - b2 ** t)
+    p = p - wd * rate * p
+    if n >= 5:
+      step = math.sqrt((1 - b2 ** t) * (n - 4) * (n - 2) * n_max / ((n_max - 4) * (n_max - 2) * n)) / (1 - b1 ** t)
+      p = p - rate * step * m / (np.sqrt(v) + eps * math.sqrt(1 - b2 ** t))
+    out.append(p.copy())
+  return out
+
+
+def test_radam_matches_the_reference_fork():
+  train = train_config(weight_decay=0.01, lr=1e-2, warmup_steps=3)
+  tx, schedule = optim.make_optimizer(train)
+  rng = np.random.default_rng(0)
+  params = rng.normal(size=(5,)).astype(np.float32)
+  grads = [rng.normal(size=(5,)) for _ in range(10)]
+  state = tx.init(jnp.asarray(params))
+  current = jnp.asarray(params)
+  ours = []
+  for g in grads:
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, current)
+    current = optax.apply_updates(current, updates)
+    ours.append(np.asarray(current))
+  expected = numpy_clinic_radam(grads, params, [float(schedule(t)) for t in range(10)], wd=0.01)
+  for t in range(10):
+    np.testing.assert_allclose(ours[t], expected[t], rtol=1e-5, atol=1e-7, err_msg=f'update {t + 1}')
+  # The first five updates only decay weights: the Adam direction is withheld.
+  assert np.allclose(ours[0], params * (1 - 0.01 * float(schedule(0))), rtol=1e-6)
+
+
+def test_inverse_sqrt_schedule():
+  schedule = optim.inverse_sqrt_schedule(1e-3, 4000, 1e-7)
+  assert math.isclose(float(schedule(0)), 1e-7, rel_tol=1e-5)
+  assert math.isclose(float(schedule(2000)), 1e-7 + 2000 * (1e-3 - 1e-7) / 4000, rel_tol=1e-5)
+  assert math.isclose(float(schedule(4000)), 1e-3, rel_tol=1e-5)
+  assert math.isclose(float(schedule(16000)), 5e-4, rel_tol=1e-5)
+
+
+def test_label_smoothed_cross_entropy_matches_numpy(np_rng):
+  logits = np_rng.normal(size=(2, 3, 7))
+  targets = np_rng.integers(0, 7, (2, 3))
+  weights = np.array([[1, 1, 0], [1, 0, 0]])
+  got = losses.label_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                            jnp.asarray(weights), 0.1)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  smoothed = 0.9 * nll + 0.1 / 7 * -logp.sum(-1)
+  np.testing.assert_allclose(got.loss, (smoothed * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(got.nll, (nll * weights).sum(), rtol=1e-5)
+  assert float(got.tokens) == 3
+
+
+def test_flop_count_matches_hand_count():
+  cfg = TransformerConfig(vocab_size=10, num_encoder_layers=1, num_decoder_layers=1, d_model=2, ffn_dim=4,
+                          num_heads=1)
+  # One row, 3 source and 5 target tokens. Forward multiply-adds, counted by hand:
+  enc = 3 * (2 * 6 + 2 * 2 + 2 * 4 * 2) + 3 * 3 * 2 * 2  # QKV + out + FFN per token; scores + context
+  dec_self = 5 * (2 * 6 + 2 * 2) + 5 * 5 * 2 * 2 / 2  # causal: half the score/context work
+  dec_cross = 5 * 2 * 2 + 3 * 2 * 4 + 5 * 2 * 2 + 5 * 3 * 2 * 2  # q, kv of the source, out, scores + context
+  dec_ffn = 5 * 2 * 4 * 2
+  logits = 5 * 2 * 10
+  forward_macs = enc + dec_self + dec_cross + dec_ffn + logits
+  assert flops.training_flops(cfg, batch=1, src_len=3, tgt_len=5) == pytest.approx(3 * 2 * forward_macs)
+
+
+TINY_DEMO = ['--config.model.d_model=32', '--config.model.ffn_dim=64', '--config.model.num_encoder_layers=2',
+             '--config.model.num_decoder_layers=2', '--config.data.synthetic_train_size=2000',
+             '--config.data.synthetic_eval_size=8', '--config.data.tokens_per_batch=1024',
+             '--config.data.max_len=32', '--config.data.vocab_size=300', '--config.train.num_steps=40',
+             '--config.train.warmup_steps=10', '--config.train.log_every_steps=10',
+             '--config.checkpoint.every_steps=20', '--config.eval.every_steps=0']
+
+
+def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
+  out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                        *TINY_DEMO], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  losses_by_step = [r['loss'] for r in records if 'loss' in r]
+  assert len(losses_by_step) == 4 and losses_by_step == sorted(losses_by_step, reverse=True) and losses_by_step[-1] < losses_by_step[0] - 0.4, losses_by_step
+  for key in ('step', 'loss', 'nll', 'ppl', 'lr', 'grad_norm', 'tokens_per_sec', 'tflops_per_device', 'mfu'):
+    assert key in records[1], key
+  assert 'compile_seconds' in records[0] and 'test_bleu' in records[-1]
+  assert 'test BLEU' in out.stdout
+  omega = json.loads((tmp_path / 'omega.json').read_text())
+  assert len(omega['encoder']) == 4 and len(omega['decoder']) == 6 and omega['encoder'][0] == 1.0
+  for name in ('config.json', 'profile.ratio.init', 'omega.png', 'curves.png', 'spm.model'):
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert (tmp_path / 'checkpoints' / '40').is_dir()
+  assert list((tmp_path / 'tensorboard').iterdir())
+
+
+def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
+  out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                        '--config.model.residul=post_ln'], cwd=REPO, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'model.residul' in lines[0] and 'residual' in lines[0], out.stderr
+  assert not (tmp_path / 'config.json').exists()
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.residual=postln', "model.residual='postln' is not one of"),
+    ('--config.model.d_model=abc', 'd_model'),
+])
+def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
+  out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                        override], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
