@@ -158,7 +158,8 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses_by_step = [r['loss'] for r in records if 'loss' in r]
-  assert len(losses_by_step) == 4 and losses_by_step == sorted(losses_by_step, reverse=True) and losses_by_step[-1] < losses_by_step[0] - 0.4, losses_by_step
+  assert len(losses_by_step) == 4 and losses_by_step == sorted(losses_by_step, reverse=True), losses_by_step
+  assert losses_by_step[-1] < losses_by_step[0] - 0.4, losses_by_step
   for key in ('step', 'loss', 'nll', 'ppl', 'lr', 'grad_norm', 'tokens_per_sec', 'tflops_per_device', 'mfu'):
     assert key in records[1], key
   assert 'compile_seconds' in records[0] and 'test_bleu' in records[-1]
@@ -189,3 +190,21 @@ def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
                         override], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize('name, arg, layers, residual', [
+    ('default', None, (6, 6), 'admin'), ('demo', None, (3, 3), 'admin'),
+    ('wmt14_en_de', '18,post_ln', (18, 18), 'post_ln'), ('wmt14_en_de', '12', (12, 12), 'admin'),
+    ('wmt14_en_fr', '60', (60, 12), 'admin'), ('iwslt14_de_en', 'pre_ln', (6, 6), 'pre_ln'),
+    ('multi30k', '18', (18, 18), 'admin')])
+def test_configs_encode_the_recipes(name, arg, layers, residual):
+  import importlib
+
+  from admin_jax import cli
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  cli.validate(config)
+  assert (config.model.num_encoder_layers, config.model.num_decoder_layers) == layers
+  assert config.model.residual == residual
+  if name.startswith(('wmt', 'iwslt')):
+    assert config.train.optimizer == 'radam' and config.train.warmup_init_lr == 1e-7
+    assert config.train.label_smoothing == 0.1 and config.train.clip_norm == 0.0

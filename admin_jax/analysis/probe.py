@@ -6,6 +6,7 @@ forwards must differ only in what is being measured, spec 7.1).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,14 @@ def build_model(cfg: TransformerConfig, batch: dict[str, np.ndarray], seed: int)
   """A freshly initialised model; Admin's omegas are set by one profiling pass over `batch` (spec 2.2)."""
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
   if cfg.residual == 'admin':
-    graphdef, state = nnx.split(model)
-    omegas = jax.jit(lambda s, b: nnx.merge(graphdef, s).profile_omegas(b, rng=None))(state, batch)
+    omegas = _profile(*nnx.split(model), dict(batch))
     model.set_omegas(omegas['encoder'], omegas['decoder'])
   return model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _profile(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return nnx.merge(graphdef, state).profile_omegas(batch, rng=None)
 
 
 def zero_offsets(cfg: TransformerConfig, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -1,0 +1,34 @@
+"""Shared pieces of the paper's recipes (spec section 5): argument parsing and common settings."""
+
+import ml_collections
+
+RESIDUALS = ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm')
+
+
+def parse_arg(arg: str | None, default_layers: int, default_residual: str = 'admin') -> tuple[int, str]:
+  """`'18'`, `'18,post_ln'`, `'post_ln'` or None -> (encoder layers, residual)."""
+  layers, residual = default_layers, default_residual
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if part.isdigit():
+      layers = int(part)
+    elif part in RESIDUALS:
+      residual = part
+    else:
+      raise ValueError(f'config argument {part!r}: expected a layer count or one of {", ".join(RESIDUALS)}')
+  return layers, residual
+
+
+def paper_common(config: ml_collections.ConfigDict) -> None:
+  """Settings every recipe shares: RAdam (0.9, 0.98), warmup from 1e-7, smoothing 0.1, no clipping."""
+  config.train.optimizer = 'radam'
+  config.train.b1, config.train.b2, config.train.eps = 0.9, 0.98, 1e-8
+  config.train.warmup_init_lr = 1e-7
+  config.train.label_smoothing = 0.1
+  config.train.clip_norm = 0.0
+  config.train.seed = 1111
+  config.model.share_embeddings = True
+  config.model.attention_dropout = 0.1
+  config.model.activation_dropout = 0.1

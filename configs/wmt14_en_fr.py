@@ -1,0 +1,34 @@
+"""WMT14 En-Fr: 6L-6L and the Very Deep 60L-12L (arg `6` or `60`, optionally `,RESIDUAL`).
+
+Recipe (spec 5): lr 7e-4, warmup 8000, dropout 0.1, 8000 tokens x 8 GPUs x 10 accumulation for
+6L (5000 x 16 x 16 for 60L-12L), 50 epochs, beam 5, length penalty 0.8, last 10 checkpoints averaged.
+"""
+
+import ml_collections
+
+from configs import default
+from configs import recipes
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  layers, residual = recipes.parse_arg(arg, default_layers=6)
+  config = default.get_config()
+  recipes.paper_common(config)
+  config.model.residual = residual
+  config.model.num_encoder_layers = layers
+  config.model.num_decoder_layers = 12 if layers == 60 else layers
+  config.model.d_model, config.model.ffn_dim, config.model.num_heads = 512, 2048, 8
+  config.model.dropout = 0.1
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'wmt14_translate/fr-en'
+  config.data.src_lang, config.data.tgt_lang = 'en', 'fr'
+  config.data.vocab_size = 40000
+  if layers == 60:
+    config.data.tokens_per_batch, config.train.grad_accum = 5000 * 16, 16
+  else:
+    config.data.tokens_per_batch, config.train.grad_accum = 8000 * 8, 10
+  config.train.lr = 7e-4
+  config.train.warmup_steps = 8000
+  config.train.num_steps = 300_000
+  config.eval.beam_size, config.eval.length_penalty = 5, 0.8
+  return config
