@@ -1,21 +1,33 @@
 """Orbax checkpoints: train state, data-iterator position and run metadata, saved asynchronously.
 
-Kept: the latest `checkpoint.keep` steps plus the best by validation BLEU. Restoring takes the
-target shardings from the current mesh, so a checkpoint written on one mesh loads on another.
-A damaged latest checkpoint is reported and the one before it is used; nothing is deleted.
+A step folder checkpoints/STEP holds three items: `state` (parameters with omega, optimizer
+state, step, dropout RNG key and the non-finite step counters), `data` (the training iterator's
+position, JSON) and `meta` (JSON: the config, the vocabulary size and the SentencePiece model as
+base64, so a checkpoint alone says how to tokenize; see `run_meta`).
+
+Saved every `checkpoint.every_steps` steps and when forced (the last step, a stop signal); kept:
+the latest `checkpoint.keep` steps plus the best by validation BLEU. Restoring takes the target
+shardings from the current mesh, so a checkpoint written on one mesh loads on another.
+A damaged checkpoint is reported and moved aside to STEP.damaged (orbax then ignores it and the
+step can be saved again); nothing is deleted, not even orbax's unfinished temporary folders.
 """
 
+import base64
 import os
+import sys
 from typing import Any
 
-from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
 
 BLEU_METRIC = 'valid_bleu'
+DAMAGED_SUFFIX = '.damaged'
 
 
 class Checkpoints:
@@ -27,8 +39,11 @@ class Checkpoints:
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BLEU_METRIC], n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
+    # Only the interval: orbax's default also saves the first step of every run, resumed ones too.
+    interval = [checkpoint_managers.FixedIntervalPolicy(every_steps)] if every_steps > 0 else []
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, preservation_policy=preservation, enable_async_checkpointing=True)
+        save_decision_policy=checkpoint_managers.AnySavePolicy(interval), preservation_policy=preservation,
+        enable_async_checkpointing=True, cleanup_tmp_directories=False)
     self.directory = os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, 'checkpoints')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -40,7 +55,14 @@ class Checkpoints:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The kept step with the highest validation BLEU; None if none has one.
+
+    Not `manager.best_step()`: without a `best_fn` option (the BestN policy replaces it) that
+    returns the latest step.
+    """
+    scores = {step: metrics[BLEU_METRIC] for step in self.steps()
+              if (metrics := self.manager.metrics(step)) and BLEU_METRIC in metrics}
+    return max(scores, key=scores.get) if scores else None
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict, *, metrics: dict | None = None,
            force: bool = False) -> bool:
@@ -59,17 +81,40 @@ class Checkpoints:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore_latest_intact(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-    """The newest checkpoint that loads; damaged newer ones are reported and left in place."""
+    """The newest checkpoint that loads; damaged newer ones are reported and moved aside, not deleted.
+
+    Moving them aside lets the resumed run save those steps again; left in place, orbax would
+    refuse to (the step exists) and would count them among the `keep` latest. When no step
+    loads, nothing is moved: that points at the code or the config rather than at the files.
+    """
+    damaged = []
     for step in reversed(self.steps()):
       try:
-        return (step, *self.restore(step, abstract_state))
+        restored = self.restore(step, abstract_state)
       except Exception as error:  # orbax raises many types for truncated or missing files
-        logging.error('checkpoint %s/%d is damaged and skipped: %s', self.directory, step,
-                      str(error).splitlines()[0] if str(error) else type(error).__name__)
-        print(f'warning: checkpoint step {step} is damaged ({type(error).__name__}); trying the previous one')
-    if self.steps():
-      raise UserError(f'no intact checkpoint in {self.directory} (steps {self.steps()} all failed to load)')
+        damaged.append((step, _first_line(error)))
+        continue
+      for bad_step, reason in damaged:
+        self._set_aside(bad_step, reason)
+      return (step, *restored)
+    if damaged:
+      raise UserError(f'no checkpoint in {self.directory} loads; step {damaged[0][0]}: {damaged[0][1]}')
     return None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    """Renames a damaged step folder to STEP.damaged (STEP.damaged.N if taken), reporting it once."""
+    if jax.process_index() == 0:
+      source = os.path.join(self.directory, str(step))
+      target, copies = source + DAMAGED_SUFFIX, 0
+      while os.path.exists(target):
+        copies += 1
+        target = f'{source}{DAMAGED_SUFFIX}.{copies}'
+      os.rename(source, target)
+      print(f'warning: checkpoint {source} is damaged ({reason}); moved to {target}, trying the previous one',
+            file=sys.stderr)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint {step} set aside')
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -78,6 +123,28 @@ class Checkpoints:
     self.manager.close()
 
 
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:160]}' if lines else type(error).__name__
+
+
 def abstract_like(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, for restoring onto the current mesh."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def run_meta(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict:
+  """The `meta` item: what a checkpoint needs besides arrays to be used on its own.
+
+  The SentencePiece model travels as base64 inside the JSON (a few hundred KiB for 32k pieces)
+  rather than as a file item, so every checkpoint stays three orbax items of standard types.
+  """
+  return {'config': config.to_dict(), 'vocab_size': tokenizer.vocab_size,
+          'spm_model': base64.b64encode(tokenizer.model_proto).decode('ascii')}
+
+
+def check_same_tokenizer(meta: dict, tokenizer: Tokenizer, step: int) -> None:
+  """Refuses to resume with a SentencePiece model other than the one the checkpoint was trained with."""
+  if base64.b64decode(meta['spm_model']) != tokenizer.model_proto:
+    raise UserError(f'checkpoint step {step} was trained with a different SentencePiece model than this run '
+                    'loads (data.spm_model or DIR/spm.model); resume with the original one')

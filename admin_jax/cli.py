@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -109,10 +110,18 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
+def quiet_logging() -> None:
+  """Keeps absl and orbax INFO lines off the console, which then shows progress bars and the
+  jobs' own lines; an explicit --verbosity still wins."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """app.run with config errors and UserError turned into one line on stderr and exit code 2."""
+  """app.run with quiet logging, and config errors and UserError turned into one line on stderr and exit code 2."""
 
   def guarded(argv: list[str]) -> None:
+    quiet_logging()
     try:
       main(argv)
     except UserError as error:

@@ -5,6 +5,7 @@ coordinator comes from flags or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES 
 JAX_PROCESS_ID environment variables. One global mesh then spans every process's devices.
 """
 
+import json
 import os
 
 from absl import flags
@@ -45,3 +46,15 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).any())
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  length = int(np.asarray(multihost_utils.process_allgather(np.asarray(len(encoded)))).max())
+  padded = np.zeros(length, np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row).rstrip(b'\0').decode()) for row in gathered]

@@ -46,7 +46,7 @@ class Evaluator:
     self.tokenizer = tokenizer
     self.setup = setup
     self.mesh = mesh
-    self.batch_size = max(config.data.eval_batch_size // jax.process_count(), 1) * jax.process_count()
+    self.batch_size = sharding.round_to_batch_shards(config.data.eval_batch_size, mesh)
     self._splits: dict[str, list[tuple[str, str]]] = {}
     eval_step = train_step_lib.make_eval_step(setup, config.train.label_smoothing)
     self._eval_step = jax.jit(eval_step)

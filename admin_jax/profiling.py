@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 import numpy as np
 
+from admin_jax.analysis import plots
 from admin_jax.errors import UserError
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER
@@ -81,8 +82,7 @@ def write_profile(workdir: str, omegas: Omegas, stats: dict) -> None:
   _atomic_write(os.path.join(workdir, OMEGA_JSON), json.dumps(record, indent=2))
   lines = [f'{i} {v!r}' for stack in ('encoder', 'decoder') for i, v in enumerate(record[stack], start=1)]
   _atomic_write(os.path.join(workdir, REFERENCE_PROFILE), '\n'.join(lines) + '\n')
-  from admin_jax.analysis.plots import plot_omegas
-  plot_omegas(omegas, os.path.join(workdir, OMEGA_PNG))
+  plots.plot_omegas(omegas, os.path.join(workdir, OMEGA_PNG))
 
 
 def read_profile(path: str, num_encoder_layers: int, num_decoder_layers: int) -> Omegas:

@@ -106,6 +106,17 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """Ways the batch dimension is split: over data and fsdp, and at least once per process."""
+  return int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
+
+
+def round_to_batch_shards(rows: int, mesh: Mesh) -> int:
+  """The smallest multiple of batch_shards(mesh) that is at least `rows`."""
+  ways = batch_shards(mesh)
+  return -(-max(rows, 1) // ways) * ways
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool = False) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays split over the batch axes of the mesh.
 
@@ -115,6 +126,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool =
   for name, array in local.items():
     global_shape = list(array.shape)
     global_shape[1 if micro_batched else 0] *= jax.process_count()
+    if global_shape[1 if micro_batched else 0] % batch_shards(mesh):
+      raise UserError(f'a batch of {global_shape[1 if micro_batched else 0]} rows does not split over the '
+                      f'{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}: make '
+                      'data.tokens_per_batch // data.max_len a multiple of it')
     axes = ((None,) if micro_batched else ()) + ('batch', 'length')
     spec = logical_to_spec(axes, global_shape, dict(mesh.shape))
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), array, tuple(global_shape))

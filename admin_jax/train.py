@@ -106,6 +106,7 @@ def compile_step(step_fn, state, micro_batches, mesh):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  stop = StopSignal()  # first thing: a signal during setup, profiling or compilation stops after one step
   lead = distributed.is_lead()
   if lead:
     check_workdir_compatible(config, workdir)
@@ -120,12 +121,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        process_index=jax.process_index(), process_count=jax.process_count())
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
                                            every_steps=config.checkpoint.every_steps)
-  meta = {'config': config.to_dict(), 'vocab_size': tokenizer.vocab_size}
+  meta = checkpoint_lib.run_meta(config, tokenizer)
 
   abstract = checkpoint_lib.abstract_like(jax.eval_shape(lambda: state), setup.state_shardings)
   restored = checkpoints.restore_latest_intact(abstract)
   if restored:
-    step, state, data_state, _ = restored
+    step, state, data_state, saved_meta = restored
+    checkpoint_lib.check_same_tokenizer(saved_meta, tokenizer, step)
     train_iter.set_state(data_state)
     print(f'resumed from {checkpoints.directory}/{step}')
   elif model_cfg.residual == 'admin':
@@ -144,19 +146,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.write(int(state.step), {**compile_info, 'peak_tflops': peak, 'peak_source': peak_source})
 
   evaluator = evaluation.Evaluator(config, tokenizer, setup, mesh)
-  stop = StopSignal()
   start_step = int(state.step)
   num_steps = config.train.num_steps
   window = []
   window_start = time.perf_counter()
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
   step = start_step
+  preempted = False
   while step < num_steps:
     with jax.set_mesh(mesh):
       state, step_metrics = step_fn(state, micro_batches)
     step += 1
     window.append(step_metrics)
     progress.update(1)
+    data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
     if step < num_steps:
       micro_batches = sharding.global_batch(stack_micro_batches(train_iter, accum), mesh, micro_batched=True)
 
@@ -176,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tokens / seconds:,.0f}')
       window, window_start = [], time.perf_counter()
       if not all(bool(m['finite']) for m in fetched) and int(state.bad_steps) >= config.train.max_bad_steps:
+        progress.close()  # else the error would share the progress bar's line
         checkpoints.wait()
         last = checkpoints.latest_step()
         raise UserError(f'training diverged: {int(state.bad_steps)} consecutive non-finite steps up to step {step}; '
@@ -186,19 +190,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = evaluator.validate(state.params)
       writer.write(step, eval_metrics)
       tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()))
-    checkpoints.save(step, state, train_iter.get_state(), meta,
+    preempted = distributed.any_process(stop.received is not None)
+    checkpoints.save(step, state, data_state, meta,
                      metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
-                     force=step == num_steps)
-    if distributed.any_process(stop.received is not None):
-      checkpoints.save(step, state, train_iter.get_state(), meta, force=True)
-      checkpoints.wait()
-      progress.close()
-      print(f'stopped by {stop.received or "another process"} at step {step}; '
-            f'saved {checkpoints.directory}/{step}')
-      return {'step': step, 'preempted': True}
+                     force=preempted or step == num_steps)
+    if preempted:
+      break
 
   progress.close()
   checkpoints.wait()
+  if preempted:
+    writer.close()
+    print(f'stopped by {stop.received or "another process"} at step {step}; saved {checkpoints.directory}/{step}')
+    return {'step': step, 'preempted': True}
   results = {'step': step}
   if config.eval.every_steps >= 0:
     results.update(evaluator.test(state.params, workdir))

@@ -45,21 +45,29 @@ def model_from(setup: Setup, params: nnx.State) -> Transformer:
   return nnx.merge(setup.graphdef, params)
 
 
+def _new_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(zero, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), zero, zero)
+
+
+def abstract_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                         mesh: jax.sharding.Mesh, seed: int) -> tuple[Setup, TrainState]:
+  """The Setup and the state's shapes, allocating and compiling nothing: all a restore needs."""
+  abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+  graphdef, _ = nnx.split(abstract_model)
+  abstract_state = jax.eval_shape(lambda: _new_state(model_cfg, tx, seed))
+  shardings = sharding.tree_shardings(abstract_state, mesh)
+  return Setup(model_cfg, graphdef, tx, schedule, shardings, mesh), abstract_state
+
+
 def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
                        schedule: optax.Schedule, mesh: jax.sharding.Mesh, seed: int) -> tuple[Setup, TrainState]:
   """Initialises parameters and optimizer state directly in their shards (never whole on one host)."""
-  abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-  graphdef, _ = nnx.split(abstract_model)
-
-  def init() -> TrainState:
-    _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-    zero = jnp.zeros([], jnp.int32)
-    return TrainState(zero, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), zero, zero)
-
-  shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+  setup, _ = abstract_train_state(model_cfg, tx, schedule, mesh, seed)
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)()
-  return Setup(model_cfg, graphdef, tx, schedule, shardings, mesh), state
+    state = jax.jit(lambda: _new_state(model_cfg, tx, seed), out_shardings=setup.state_shardings)()
+  return setup, state
 
 
 def step_rng(state: TrainState) -> jax.Array:

@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.tokens_per_batch = 32768  # global token budget per optimizer micro-batch (fairseq --max-tokens x GPUs)
   data.eval_batch_size = 64  # sentences per eval/translate batch
   data.prefetch = 2
+  data.shards = 0  # data shards packed independently (0 = one per process); fix it to change process counts
   data.synthetic_train_size = 20000
   data.synthetic_eval_size = 500
   data.lowercase = False  # IWSLT14 is scored lowercased

@@ -11,6 +11,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+sys.path.insert(0, str(REPO))  # configs/ is imported as a package, as jobs do from the repository root
 
 
 def subprocess_env(devices: int | None = None) -> dict[str, str]:

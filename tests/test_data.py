@@ -278,7 +278,7 @@ def test_resume_from_state_continues_identically(synthetic_tokenizer, k):
 
 
 def test_rows_must_divide_over_processes(synthetic_tokenizer):
-  with pytest.raises(UserError, match='multiple of the 3 processes'):
+  with pytest.raises(UserError, match='multiple of the 3 data shards'):
     _iterator(_synthetic_config(), synthetic_tokenizer, process_count=3)
 
 

@@ -6,8 +6,8 @@ random batch.
 """
 
 import csv
-from collections.abc import Iterable, Sequence
 import os
+from collections.abc import Iterable, Sequence
 
 from absl import flags
 import numpy as np

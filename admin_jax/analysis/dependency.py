@@ -15,8 +15,8 @@ initialisation, decay like 1/sqrt(i).
     python -m admin_jax.analysis.dependency --config=configs/default.py --config.model.num_encoder_layers=6 --out=DIR
 """
 
-from collections.abc import Mapping
 import functools
+from collections.abc import Mapping
 
 import jax
 from flax import nnx

@@ -9,8 +9,8 @@ explain why Post-LN is unstable.
     python -m admin_jax.analysis.grad_norms --config=configs/default.py --out=DIR
 """
 
-from collections.abc import Mapping
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arra
 
 @functools.partial(jax.jit, static_argnums=0)
 def _offset_grads(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  model = nnx.merge(graphdef, state)
+
   def loss(offsets):
-    logits, _ = nnx.merge(graphdef, state).trace(batch, offsets)
+    logits, _ = model.trace(batch, offsets)
     return token_cross_entropy(logits, batch['targets'], (batch['targets_segmentation'] > 0).astype(jnp.float32))
 
-  return jax.grad(loss)(probe.zero_offsets(nnx.merge(graphdef, state).cfg, batch))
+  return jax.grad(loss)(probe.zero_offsets(model.cfg, batch))
 
 
 def grad_norms(model: Transformer, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,10 +6,10 @@ omega.json is {"encoder": [...], "decoder": [...]}, one float per sublayer in fo
     python -m admin_jax.analysis.omega --workdir=DIR --out=DIR
 """
 
-from collections.abc import Mapping, Sequence
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 
 from admin_jax import cli
 from admin_jax.analysis import command

@@ -34,7 +34,8 @@ PERTURBATION = 1e-4
 DEPTH_FREE_RESIDUALS = ('post_ln', 'pre_ln', 'admin')
 HEADER = ('residual', 'encoder_layers', 'sublayers', 'output_change')
 
-_DEPTHS = flags.DEFINE_list('depths', ['1', '2', '4', '8', '16', '32', '64', '100'], 'Encoder depths (layers) to sweep.')
+_DEPTHS = flags.DEFINE_list('depths', ['1', '2', '4', '8', '16', '32', '64', '100'],
+                            'Encoder depths (layers) to sweep.')
 _NUM_SEEDS = flags.DEFINE_integer('num_seeds', 3, 'Initialisations (seeds --seed, --seed+1, ...) averaged per depth.',
                                   lower_bound=1)
 
@@ -117,7 +118,7 @@ def _depths() -> list[int]:
 def main(argv: list[str]) -> None:
   del argv
   out = command.output_dir()
-  cfg = probe.probe_config(command.model_config(), num_decoder_layers=1)  # the decoder plays no part
+  cfg = command.model_config()
   seeds = [command.SEED.value + i for i in range(_NUM_SEEDS.value)]
   rows = sweep(cfg, command.residuals(), _depths(), seeds, command.batch(cfg))
   write(rows, out)

@@ -40,6 +40,7 @@ class Tokenizer:
   def __init__(self, model_proto: bytes):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size: int = self._sp.vocab_size()
+    self.model_proto = model_proto  # the serialized model, which checkpoints carry (checkpoint.run_meta)
 
   @classmethod
   def load(cls, path: str | Path) -> 'Tokenizer':

@@ -1,0 +1,55 @@
+"""Checkpoint averaging: `python -m admin_jax.average --workdir=DIR [--last=10] [--output_dir=OUT]`.
+
+Writes the mean parameters of DIR's last N checkpoints (the paper averages the last 10) as a
+workdir of its own, OUT (default DIR/averaged): config.json, spm.model and one checkpoint at the
+newest averaged step, which holds only {'params': ...}. Translate or evaluate it like any run,
+`--workdir=DIR/averaged`; it cannot resume training (no optimizer state). To score an average
+without writing it, `--checkpoint=avg:N` in translate/evaluate computes the same mean in memory.
+"""
+
+import os
+import shutil
+
+from absl import flags
+
+from admin_jax import checkpoint as checkpoint_lib
+from admin_jax import cli
+from admin_jax import distributed
+from admin_jax import restore
+from admin_jax.errors import UserError
+
+LAST = flags.DEFINE_integer('last', 10, 'How many of the newest checkpoints to average.', lower_bound=1)
+OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Workdir to write the average to; default: DIR/averaged.')
+
+
+def write_average(workdir: str, last: int, output_dir: str) -> list[int]:
+  """Averages the last `last` checkpoints of `workdir` into `output_dir`; returns the steps averaged."""
+  model = restore.load_for_inference(workdir, f'avg:{last}')
+  out = checkpoint_lib.Checkpoints(output_dir, keep=1, every_steps=1)
+  if out.steps():
+    raise UserError(f'{out.directory} already holds an average (step {out.latest_step()}); '
+                    'remove it or choose another --output_dir')
+  if distributed.is_lead():
+    cli.write_config(model.config, output_dir)
+    if not model.config.data.spm_model:
+      shutil.copy(os.path.join(workdir, 'spm.model'), os.path.join(output_dir, 'spm.model'))
+  out.save(model.steps[-1], {'params': model.params}, {}, {'averaged_steps': model.steps, 'workdir': workdir},
+           force=True)
+  out.wait()
+  out.close()
+  return model.steps
+
+
+def main(argv):
+  del argv
+  restore.quiet_logging()
+  workdir = cli.require_workdir()
+  distributed.initialize()
+  output_dir = OUTPUT_DIR.value or os.path.join(workdir, 'averaged')
+  steps = write_average(workdir, LAST.value, output_dir)
+  if distributed.is_lead():
+    print(f'averaged steps {", ".join(map(str, steps))} -> {output_dir}')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,43 @@
+"""Scoring a split: `python -m admin_jax.evaluate --workdir=DIR [--split=test]
+[--checkpoint=latest|best|avg:N|STEP] [--beam_size=K] [--length_penalty=X] [--batch_size=B]`.
+
+Translates the whole split of the run's corpus and prints sacreBLEU with its signature and
+chrF, plus tokenized BLEU for a pre-tokenized corpus (data.pretokenized: BPE removed, as
+fairseq scores it, for comparison with the paper's tables). Hypotheses and scores go to
+DIR/eval/<split>.hyp and DIR/eval/<split>.scores, replacing those of an earlier evaluation.
+The checkpoint and decoding flags are translate.py's.
+"""
+
+from absl import flags
+
+from admin_jax import cli
+from admin_jax import distributed
+from admin_jax import evaluation
+from admin_jax import restore
+from admin_jax import translate
+
+SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'], 'Which split of the run\'s corpus to score.')
+
+_LABELS = {'bleu': 'BLEU', 'chrf': 'chrF2', 'tokenized_bleu': 'tokenized BLEU'}
+
+
+def main(argv):
+  del argv
+  restore.quiet_logging()
+  workdir = cli.require_workdir()
+  distributed.initialize()
+  config = translate.config_from_flags(workdir)
+  config.eval.max_sentences = 0  # the whole valid split, not training's quick subset
+  model = translate.load_from_flags(workdir, config)
+  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  split = SPLIT.value
+  scores = evaluator.test(model.params, workdir, split)
+  if distributed.is_lead():
+    for name, label in _LABELS.items():
+      if f'{split}_{name}' in scores:
+        print(f'{label} = {scores[f"{split}_{name}"]:.2f} ({scores[f"{split}_{name}_signature"]})')
+    print(f'wrote {workdir}/eval/{split}.hyp and {split}.scores')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,166 @@
+"""The training benchmark runs end to end, and the optimisations it times change no result."""
+
+import dataclasses
+import json
+import math
+import subprocess
+from typing import Any, NamedTuple
+
+from flax import nnx
+import jax
+import numpy as np
+import optax
+import pytest
+
+from admin_jax import bench
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.model import Transformer
+from configs import default
+from conftest import REPO
+from conftest import python
+from conftest import subprocess_env
+
+TINY = bench.PRESETS['tiny']
+
+
+class Tolerance(NamedTuple):
+  """Relative error allowed in the loss and in each parameter's update (L2 norm of the difference)."""
+  loss: float
+  update: float
+
+
+# bfloat16 keeps 8 bits: the loss (log-softmax in float32) moves by less than 1e-4, but gradients of a
+# freshly initialised model are sums that largely cancel, so their L2 error reaches about 6%.
+BF16 = Tolerance(loss=2e-2, update=1e-1)
+F32 = Tolerance(loss=1e-5, update=1e-5)
+
+
+class FastPath(NamedTuple):
+  """Config fields that turn one optimisation on, its tolerance, and fields both paths share.
+
+  The plain path is the tiny preset (float32, scanned layers, no remat, dropout 0.1) with `shared`
+  applied; a path that only applies without attention dropout, say, sets attention_dropout=0 there.
+  """
+  on: dict[str, Any]
+  tolerance: Tolerance
+  shared: tuple[tuple[str, Any], ...] = ()
+
+
+# A new fast path (fused attention, chunked cross-entropy, ...) is one more line here, e.g.
+# pytest.param(FastPath({'fused_attention': True}, BF16, (('attention_dropout', 0.0),)), id='fused_attention').
+FAST_PATHS = [
+    pytest.param(FastPath({'dtype': 'bfloat16'}, BF16), id='bfloat16'),
+    pytest.param(FastPath({'remat': 'full'}, F32), id='remat_full'),
+    pytest.param(FastPath({'scan_layers': False}, F32), id='python_loop'),
+]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def quick_compiles():
+  """These tests compile small programs and run them once, so XLA's CPU optimisation passes cost
+  more than they save: the state's initialisation compiles in 1.5 s of CPU time instead of 10 s,
+  a tiny train step in 5 s instead of 10 s."""
+  previous = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def test_tiny_preset_prints_one_json_line_with_every_field():
+  command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--steps=3', '--warmup_steps=1']
+  env = dict(subprocess_env(), JAX_DISABLE_MOST_OPTIMIZATIONS='1')  # as quick_compiles
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1, result.stdout
+  record = json.loads(lines[0])
+  expected = {'preset', 'device', 'n_devices', 'tokens_per_sec', 'step_ms', 'model_tflops_per_sec', 'mfu',
+              'matmul_peak_tflops', 'datasheet_peak_tflops', 'compile_seconds', 'peak_memory_bytes',
+              'peak_memory_source', 'params', 'layers', 'd_model', 'ffn_dim', 'num_heads', 'vocab_size',
+              'seq_len', 'batch', 'dtype', 'remat', 'steps', 'warmup_steps', 'jax'}
+  assert expected <= set(record), expected - set(record)
+  numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  assert {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)} == {}
+  assert record['preset'] == 'tiny' and record['device'] == 'cpu' and record['steps'] == 3
+  assert record['datasheet_peak_tflops'] is None  # no data sheet for a CPU
+  assert record['tokens_per_sec'] == pytest.approx(TINY.batch * TINY.seq_len / (record['step_ms'] / 1e3))
+
+
+def test_bench_keeps_tensorflow_and_grain_off_the_gpu_path():
+  code = ("import admin_jax.bench, sys; "
+          "assert 'tensorflow' not in sys.modules and 'grain' not in sys.modules, 'imported'")
+  subprocess.run([python(), '-c', code], cwd=REPO, env=subprocess_env(), check=True, timeout=60)
+
+
+def test_random_batch_is_fully_packed_with_valid_segments():
+  batch = bench.random_packed_batch(bench.Preset(layers=1, d_model=8, ffn_dim=8, num_heads=1, batch=16,
+                                                 seq_len=12, vocab_size=50))
+  for side in ('inputs', 'targets'):
+    segments, positions = batch[f'{side}_segmentation'], batch[f'{side}_position']
+    assert segments.shape == (16, 12) and (segments >= 1).all()  # no padding
+    assert (np.diff(segments, axis=1) >= 0).all() and (np.diff(segments, axis=1) <= 1).all()
+    new_segment = np.diff(segments, axis=1) == 1
+    assert (positions[:, 0] == 0).all()
+    assert np.array_equal(positions[:, 1:], np.where(new_segment, 0, positions[:, :-1] + 1))
+    assert (batch[side] > 2).all() and (batch[side] < 50).all()  # no PAD, EOS or UNK ids
+  assert np.array_equal(batch['inputs_segmentation'].max(1), batch['targets_segmentation'].max(1))
+  assert (batch['inputs_segmentation'] != batch['targets_segmentation']).any()  # lengths differ by side
+
+
+@pytest.fixture(scope='module')
+def plain_setup():
+  """The plain path's setup and state, with SGD at learning rate 1.
+
+  The update then is minus the gradient, so comparing updated parameters compares gradients
+  element by element; an adaptive optimizer's first step (about the gradient's sign) would hide
+  differences. The fast paths change the graph only, so every variant starts from this state.
+  """
+  cfg = bench.model_config(TINY)
+  mesh = sharding.make_mesh(default.get_config().mesh)
+  return train_step_lib.create_train_state(cfg, optax.sgd(1.0), optax.constant_schedule(1.0), mesh, seed=0)
+
+
+def _one_step(setup: train_step_lib.Setup, state: train_step_lib.TrainState,
+              overrides: dict) -> tuple[float, train_step_lib.TrainState]:
+  """(loss, new state) of one real train step, on a fixed batch and dropout key, with `overrides`."""
+  cfg = dataclasses.replace(setup.model_cfg, **overrides)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  variant = dataclasses.replace(setup, model_cfg=cfg, graphdef=graphdef)
+  local = {k: v[None] for k, v in bench.random_packed_batch(TINY).items()}
+  batch = sharding.global_batch(local, setup.mesh, micro_batched=True)
+  step = train_step_lib.jit_train_step(variant, default.get_config().train,
+                                       jax.tree.map(lambda a: a.sharding, batch))
+  state = jax.tree.map(lambda a: a.copy(), state)  # the step donates its input
+  with jax.set_mesh(setup.mesh):
+    new_state, metrics = step(state, batch)
+  assert bool(metrics['finite'])
+  return float(metrics['loss']), new_state
+
+
+@pytest.fixture(scope='module')
+def plain_steps() -> dict:
+  """Plain-path steps already run, by their shared fields: fast paths that share them compile it once."""
+  return {}
+
+
+def _relative_errors(fast: nnx.State, plain: nnx.State, start: nnx.State) -> dict[str, float]:
+  """Per parameter: |fast update - plain update| / |plain update| (L2 norms; update = new - start)."""
+  errors = {}
+  for (path, f), (_, p), (_, s) in zip(*(nnx.to_flat_state(x) for x in (fast, plain, start))):
+    f_update, p_update = np.asarray(f[...]) - np.asarray(s[...]), np.asarray(p[...]) - np.asarray(s[...])
+    errors['/'.join(map(str, path))] = float(np.linalg.norm(f_update - p_update) /
+                                             max(np.linalg.norm(p_update), 1e-12))
+  return errors
+
+
+@pytest.mark.parametrize('path', FAST_PATHS)
+def test_fast_path_train_step_equals_plain_path(path, plain_setup, plain_steps):
+  setup, start = plain_setup
+  if path.shared not in plain_steps:
+    plain_steps[path.shared] = _one_step(setup, start, dict(path.shared))
+  plain_loss, plain_state = plain_steps[path.shared]
+  fast_loss, fast_state = _one_step(setup, start, {**dict(path.shared), **path.on})
+  assert fast_loss == pytest.approx(plain_loss, rel=path.tolerance.loss)
+  errors = _relative_errors(fast_state.params, plain_state.params, start.params)
+  assert {k: e for k, e in errors.items() if e > path.tolerance.update} == {}

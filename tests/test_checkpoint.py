@@ -1,0 +1,279 @@
+"""Checkpointing and failure handling: real training runs in subprocesses, real signals, real damaged files.
+
+Every run trains the same tiny Admin model on the synthetic corpus for 12 steps, checkpointing
+every 3 and logging every step, so per-step losses can be compared. The omegas come from a fixed
+profile (admin.profile_path) and compiled programs from a shared JAX compilation cache, which
+keeps each run to seconds; a resumed run loads the very executable the uninterrupted run used.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from admin_jax import checkpoint as checkpoint_lib
+from admin_jax import optim
+from admin_jax import sharding
+from admin_jax import train_step as train_step_lib
+from admin_jax.model import TransformerConfig
+from conftest import REPO
+from conftest import packed_batch
+from conftest import python
+from conftest import subprocess_env
+
+NUM_STEPS = 12
+EVERY = 3
+TINY = (
+    '--config=configs/demo.py', f'--config.train.num_steps={NUM_STEPS}', '--config.train.log_every_steps=1',
+    f'--config.checkpoint.every_steps={EVERY}', '--config.checkpoint.keep=3', '--config.eval.every_steps=0',
+    '--config.eval.beam_size=1', '--config.model.d_model=16', '--config.model.ffn_dim=32',
+    '--config.model.num_encoder_layers=1', '--config.model.num_decoder_layers=1', '--config.data.vocab_size=200',
+    '--config.data.max_len=32', '--config.data.tokens_per_batch=256', '--config.data.synthetic_train_size=500',
+    '--config.data.synthetic_eval_size=4', '--config.data.eval_batch_size=4')
+OMEGAS = {'encoder': [1.0, 1.1], 'decoder': [1.0, 1.1, 1.2]}  # one layer each: 2 and 3 sublayers
+DIVERGING = ('--config.train.lr=1e30', '--config.train.num_steps=1000')  # RAdam's first real update is at step 6
+TIMEOUT = 300
+
+
+@dataclasses.dataclass
+class Run:
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+class Job:
+  """A training run in a child process, its output in files (a pipe could fill up and stall it)."""
+
+  def __init__(self, env: dict[str, str], workdir: pathlib.Path, *overrides: str):
+    self.workdir = workdir
+    self._out = open(workdir.with_name(workdir.name + '.out'), 'w+')
+    self._err = open(workdir.with_name(workdir.name + '.err'), 'w+')
+    command = [python(), '-m', 'admin_jax.train', f'--workdir={workdir}', *TINY, *overrides]
+    self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._out, stderr=self._err)
+
+  def wait_until(self, condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+      assert self.process.poll() is None, f'run ended before {what}:\n{self.finish().stderr[-3000:]}'
+      assert time.monotonic() < deadline, f'no {what} after {TIMEOUT}s'
+      time.sleep(0.05)
+
+  def finish(self) -> Run:
+    self.process.wait(TIMEOUT)
+    self._out.seek(0)
+    self._err.seek(0)
+    return Run(self.process.returncode, self._out.read(), self._err.read())
+
+
+def train(env: dict[str, str], workdir: pathlib.Path, *overrides: str) -> Run:
+  return Job(env, workdir, *overrides).finish()
+
+
+def losses(workdir: pathlib.Path) -> dict[int, float]:
+  """The loss of every step, from its last record: a resumed run logs the killed run's last steps again."""
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {r['step']: r['loss'] for r in records if 'loss' in r}
+
+
+def copy_workdir(source: pathlib.Path, target: pathlib.Path, *, steps: tuple[int, ...] | None = None) -> None:
+  """A copy of a workdir, optionally with only the given checkpoint steps and no metrics."""
+  ignore = None
+  if steps is not None:
+    keep = {str(s) for s in steps}
+    ignore = lambda folder, names: [n for n in names if (n.isdigit() and n not in keep) or n == 'metrics.jsonl']
+  shutil.copytree(source, target, ignore=ignore)
+
+
+def restore_state(workdir: pathlib.Path, step: int):
+  """The saved train state of `step` as the checkpoint lays it out (no target needed on one device)."""
+  manager = ocp.CheckpointManager(workdir / 'checkpoints', options=ocp.CheckpointManagerOptions(read_only=True))
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory) -> dict[str, str]:
+  """One compilation cache for all runs: the first run of each program compiles it, the others load it."""
+  cache = tmp_path_factory.mktemp('jax_cache')
+  return dict(subprocess_env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
+
+@pytest.fixture(scope='module')
+def profile(tmp_path_factory) -> str:
+  """The override that gives every run the same omegas without a profiling pass."""
+  path = tmp_path_factory.mktemp('profile') / 'omega.json'
+  path.write_text(json.dumps(OMEGAS))
+  return f'--config.admin.profile_path={path}'
+
+
+@pytest.fixture(scope='module')
+def reference(env, profile, tmp_path_factory) -> pathlib.Path:
+  """The workdir of an uninterrupted run."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  run = train(env, workdir, profile)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert sorted(losses(workdir)) == list(range(1, NUM_STEPS + 1))
+  return workdir
+
+
+def test_checkpoint_holds_state_data_position_and_tokenizer(reference):
+  checkpoints = checkpoint_lib.Checkpoints(str(reference), keep=3, every_steps=EVERY)
+  assert checkpoints.steps() == [6, 9, 12]  # keep=3 latest; no validation BLEU, so no best to add
+  step = 12
+  state = restore_state(reference, step)
+  assert int(state['step']) == step and int(state['skipped_steps']) == 0
+  omega = state['params']['encoder']['layers']['self_attention_residual']['omega']['value']
+  np.testing.assert_allclose(omega, OMEGAS['encoder'][0], atol=1e-2)  # omega is a parameter, trained from there
+  meta = checkpoints.restore_meta(step)
+  assert meta['config']['model']['d_model'] == 16
+  assert checkpoint_lib.base64.b64decode(meta['spm_model']) == (reference / 'spm.model').read_bytes()
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_bitwise(env, profile, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  job = Job(env, workdir, profile)
+  job.wait_until(lambda: (workdir / 'checkpoints' / '6').is_dir(), 'checkpoint 6')
+  job.process.send_signal(signal.SIGKILL)
+  assert job.finish().returncode == -signal.SIGKILL
+
+  run = train(env, workdir, profile)
+  assert run.returncode == 0, run.stderr[-3000:]
+  resumed = int(run.stdout.split(f'resumed from {workdir}/checkpoints/')[1].split()[0])
+  assert 6 <= resumed < NUM_STEPS
+  assert losses(workdir) == losses(reference)
+
+
+def test_damaged_latest_checkpoint_is_reported_set_aside_and_the_previous_used(env, profile, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  copy_workdir(reference, workdir)
+  damaged = max((workdir / 'checkpoints' / '12' / 'state' / 'ocdbt.process_0' / 'd').iterdir(),
+                key=lambda p: p.stat().st_size)
+  size = damaged.stat().st_size // 2
+  os.truncate(damaged, size)
+
+  run = train(env, workdir, profile)
+  assert run.returncode == 0, run.stderr[-3000:]
+  warnings = [line for line in run.stderr.splitlines() if line.startswith('warning:')]
+  assert len(warnings) == 1 and f'{workdir}/checkpoints/12 is damaged' in warnings[0], run.stderr[-3000:]
+  assert f'resumed from {workdir}/checkpoints/9' in run.stdout
+  aside = workdir / 'checkpoints' / '12.damaged'
+  assert (aside / damaged.relative_to(workdir / 'checkpoints' / '12')).stat().st_size == size
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name[0].isdigit()) == [
+      '12', '12.damaged', '6', '9']
+  assert losses(workdir) == losses(reference)
+
+
+def test_incompatible_workdir_is_refused_naming_the_keys(env, profile, reference):
+  before = (reference / 'config.json').read_text()
+  run = train(env, reference, profile, '--config.model.d_model=32', '--config.model.num_heads=8')
+  assert run.returncode == 2
+  assert run.stderr.count('\n') == 1 and run.stderr.startswith('error: workdir'), run.stderr
+  assert 'model.d_model (16 -> 32)' in run.stderr and 'model.num_heads (4 -> 8)' in run.stderr
+  assert (reference / 'config.json').read_text() == before
+
+
+def test_resumes_on_another_mesh_with_the_same_losses(env, profile, reference, tmp_path):
+  """Saved on one device, restored onto a (data 2, fsdp 2, tensor 2) mesh of 8."""
+  workdir = tmp_path / 'run'
+  copy_workdir(reference, workdir, steps=(6,))
+  run = train(dict(env, XLA_FLAGS=subprocess_env(devices=8)['XLA_FLAGS']), workdir, profile, '--config.mesh.data=2',
+              '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f'resumed from {workdir}/checkpoints/6' in run.stdout
+  expected = losses(reference)
+  got = losses(workdir)
+  assert sorted(got) == list(range(7, NUM_STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def stopped(env, profile, tmp_path_factory) -> tuple[pathlib.Path, Run]:
+  """A long run with a diverging learning rate (bad steps tolerated), stopped by SIGTERM after step 2."""
+  workdir = tmp_path_factory.mktemp('stopped') / 'run'
+  job = Job(env, workdir, profile, *DIVERGING, '--config.train.max_bad_steps=1000')
+  job.wait_until(lambda: (workdir / 'metrics.jsonl').exists() and max(losses(workdir), default=0) >= 2, 'step 2')
+  job.process.send_signal(signal.SIGTERM)
+  return workdir, job.finish()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(stopped):
+  workdir, run = stopped
+  assert run.returncode == 0, run.stderr[-3000:]
+  step = max(losses(workdir))
+  assert f'stopped by SIGTERM at step {step}; saved {workdir}/checkpoints/{step}' in run.stdout
+  assert int(restore_state(workdir, step)['step']) == step
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(env, profile, stopped):
+  workdir, _ = stopped
+  run = train(env, workdir, profile, *DIVERGING, '--config.train.max_bad_steps=2')
+  assert run.returncode == 2, run.stderr[-3000:]
+  records = losses(workdir)
+  last = max(records)
+  assert not math.isfinite(records[last]) and not math.isfinite(records[last - 1])
+  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  error = run.stderr.splitlines()[-1]  # before it: the progress bar
+  assert error.startswith('error: training diverged') and f'up to step {last};' in error, run.stderr[-3000:]
+  kept = checkpoint_lib.Checkpoints(str(workdir), keep=3, every_steps=EVERY).latest_step()
+  assert error.endswith(f'last good checkpoint: {kept}')
+  state = restore_state(workdir, kept)
+  assert int(state['step']) == kept
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state['params']))
+
+
+TRAIN = ml_collections.ConfigDict(dict(
+    optimizer='adam', lr=1e-3, warmup_steps=1, warmup_init_lr=1e-3, b1=0.9, b2=0.98, eps=1e-8,
+    weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
+
+
+def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np_rng):
+  model_cfg = TransformerConfig(vocab_size=40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                                num_heads=4, max_len=16)
+  tx, schedule = optim.make_optimizer(TRAIN)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  setup, good = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
+  batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 16, 40, [[7, 9], [16]]).items()}
+  step = jax.jit(train_step_lib.make_train_step(setup, TRAIN))
+  leaves, treedef = jax.tree.flatten(good.params)
+  poisoned = dataclasses.replace(good, params=treedef.unflatten([leaves[0] * np.nan, *leaves[1:]]))
+
+  state = poisoned
+  for count in (1, 2):
+    new, metrics = step(state, batch)
+    assert not bool(metrics['finite'])
+    for before, after in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params,
+                                                                                                new.opt_state))):
+      np.testing.assert_array_equal(after, before)  # NaN == NaN here
+    assert (int(new.step), int(new.bad_steps), int(new.skipped_steps)) == (count, count, count)
+    state = new
+
+  new, metrics = step(dataclasses.replace(state, params=good.params, opt_state=good.opt_state), batch)
+  assert bool(metrics['finite'])
+  assert (int(new.step), int(new.bad_steps), int(new.skipped_steps)) == (3, 0, 2)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(good.params)))
+
+
+def test_keeps_the_latest_and_the_best_by_bleu(tmp_path):
+  checkpoints = checkpoint_lib.Checkpoints(str(tmp_path), keep=2, every_steps=2)
+  state = {'w': np.arange(3, dtype=np.float32)}
+  for step in range(1, 8):
+    bleu = {2: 30.0, 4: 10.0}.get(step)
+    checkpoints.save(step, state, {'position': step}, {'note': 'x'},
+                     metrics={checkpoint_lib.BLEU_METRIC: bleu} if bleu else None, force=step == 7)
+  checkpoints.wait()
+  assert checkpoints.steps() == [2, 6, 7] and checkpoints.best_step() == 2
+  restored, data, meta = checkpoints.restore(2, {'w': jax.ShapeDtypeStruct((3,), np.float32)})
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert data == {'position': 2} and meta == {'note': 'x'}
