@@ -13,6 +13,7 @@ step can be saved again); nothing is deleted, not even orbax's unfinished tempor
 """
 
 import base64
+import math
 import os
 import sys
 from typing import Any
@@ -36,13 +37,13 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int, every_steps: int):
     preservation = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BLEU_METRIC], n=1,
-                                  keep_checkpoints_without_metrics=False),
+        checkpoint_managers.BestN(get_metric_fn=_bleu, n=1, keep_checkpoints_without_metrics=False),
     ])
     # Only the interval: orbax's default also saves the first step of every run, resumed ones too.
     interval = [checkpoint_managers.FixedIntervalPolicy(every_steps)] if every_steps > 0 else []
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.AnySavePolicy(interval), preservation_policy=preservation,
+        best_fn=_bleu, best_mode='max',  # without a best_fn, orbax writes no metrics and BestN forgets on restart
         enable_async_checkpointing=True, cleanup_tmp_directories=False)
     self.directory = os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, 'checkpoints')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -57,8 +58,7 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The kept step with the highest validation BLEU; None if none has one.
 
-    Not `manager.best_step()`: without a `best_fn` option (the BestN policy replaces it) that
-    returns the latest step.
+    Not `manager.best_step()`, which returns a step saved without validation when none has one.
     """
     scores = {step: metrics[BLEU_METRIC] for step in self.steps()
               if (metrics := self.manager.metrics(step)) and BLEU_METRIC in metrics}
@@ -68,7 +68,8 @@ class Checkpoints:
            force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    # {} for a step without validation: orbax warns on every save that lacks metrics.
+    return self.manager.save(step, args=args, metrics=metrics or {}, force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """(state, data-iterator state, metadata) of `step`, laid out as `abstract_state` says."""
@@ -121,6 +122,11 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _bleu(metrics: dict) -> float:
+  """Ranks checkpoints for BestN; those saved without validation rank last."""
+  return metrics.get(BLEU_METRIC, -math.inf)
 
 
 def _first_line(error: Exception) -> str:

@@ -73,7 +73,7 @@ def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_ste
   existing = profiling.find_existing_profile(workdir, config.admin.profile_path)
   if existing:
     omegas = profiling.read_profile(existing, model.num_encoder_layers, model.num_decoder_layers)
-    logging.info('omega from %s', existing)
+    print(f'omega from {existing} (not profiling again)')
   else:
     position = train_iter.get_state()
     first = next(train_iter)

@@ -265,15 +265,16 @@ def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(good.params)))
 
 
-def test_keeps_the_latest_and_the_best_by_bleu(tmp_path):
-  checkpoints = checkpoint_lib.Checkpoints(str(tmp_path), keep=2, every_steps=2)
+def test_keeps_the_latest_and_the_best_by_bleu_across_restarts(tmp_path):
   state = {'w': np.arange(3, dtype=np.float32)}
-  for step in range(1, 8):
-    bleu = {2: 30.0, 4: 10.0}.get(step)
-    checkpoints.save(step, state, {'position': step}, {'note': 'x'},
-                     metrics={checkpoint_lib.BLEU_METRIC: bleu} if bleu else None, force=step == 7)
-  checkpoints.wait()
-  assert checkpoints.steps() == [2, 6, 7] and checkpoints.best_step() == 2
+  for steps in (range(1, 6), range(6, 10)):  # a new manager per range: a resumed run must still know the best
+    checkpoints = checkpoint_lib.Checkpoints(str(tmp_path), keep=2, every_steps=2)
+    for step in steps:
+      bleu = {2: 30.0, 4: 10.0, 6: 20.0}.get(step)
+      checkpoints.save(step, state, {'position': step}, {'note': 'x'},
+                       metrics={checkpoint_lib.BLEU_METRIC: bleu} if bleu else None, force=step == 9)
+    checkpoints.wait()
+  assert checkpoints.steps() == [2, 8, 9] and checkpoints.best_step() == 2
   restored, data, meta = checkpoints.restore(2, {'w': jax.ShapeDtypeStruct((3,), np.float32)})
   np.testing.assert_array_equal(restored['w'], state['w'])
   assert data == {'position': 2} and meta == {'note': 'x'}

@@ -144,3 +144,25 @@ def test_meshes_give_single_device_omegas(mesh_results, mesh):
   for stack in ('encoder', 'decoder'):
     np.testing.assert_allclose(mesh_results[mesh]['omegas'][stack], mesh_results['1x1x1']['omegas'][stack],
                                rtol=1e-5)
+
+
+def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
+  import subprocess
+
+  from conftest import REPO, python, subprocess_env
+  tiny_run = ['--config=configs/demo.py', f'--workdir={tmp_path}', '--config.model.d_model=32',
+              '--config.model.ffn_dim=64', '--config.model.num_encoder_layers=2', '--config.model.num_decoder_layers=2',
+              '--config.data.synthetic_train_size=500', '--config.data.synthetic_eval_size=4',
+              '--config.data.tokens_per_batch=512', '--config.data.max_len=32', '--config.data.vocab_size=200']
+  out = subprocess.run([python(), '-m', 'admin_jax.profile', *tiny_run], cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  profile = (tmp_path / 'omega.json').read_text()
+  assert 'encoder omega: 1.000' in out.stdout
+  assert len((tmp_path / 'profile.ratio.init').read_text().splitlines()) == 4 + 6
+  out = subprocess.run([python(), '-m', 'admin_jax.train', *tiny_run, '--config.train.num_steps=2',
+                        '--config.eval.every_steps=0'], cwd=REPO, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f'omega from {tmp_path}/omega.json' in out.stdout
+  assert (tmp_path / 'omega.json').read_text() == profile
