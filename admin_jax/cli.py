@@ -78,6 +78,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.d_model % config.model.num_heads:
     raise UserError(f'config model.d_model={config.model.d_model} is not divisible by '
                     f'model.num_heads={config.model.num_heads}')
+  if config.model.fused_attention and config.model.attention_dropout:
+    raise UserError('config model.fused_attention=True needs model.attention_dropout=0 '
+                    '(jax.nn.dot_product_attention has no dropout)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
 

@@ -22,8 +22,16 @@ class KVCache(NamedTuple):
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
-           dropout_rate: float, rng: jax.Array | None) -> jax.Array:
-  """softmax(q k^T) v with logits and softmax in float32; `mask` broadcasts to [b, h, q, k]."""
+           dropout_rate: float, rng: jax.Array | None, fused: bool = False) -> jax.Array:
+  """softmax(q k^T) v with logits and softmax in float32; `mask` broadcasts to [b, h, q, k].
+
+  `fused` hands the whole computation to jax.nn.dot_product_attention (cuDNN flash attention
+  on GPUs), which has no dropout: it is only valid with attention dropout off.
+  """
+  if fused:
+    if rng is not None and dropout_rate > 0:
+      raise ValueError('fused attention has no dropout: set model.attention_dropout=0')
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0)
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
   probs = layers.dropout(probs, dropout_rate, rng)
@@ -40,7 +48,7 @@ class Attention(nnx.Module):
   per projection instead, with gain 1 for Q and K and `gain` for V and the output projection.
   """
 
-  def __init__(self, d_model: int, num_heads: int, *, gain: float | None, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int, *, gain: float | None, fused: bool = False, rngs: nnx.Rngs):
     head_dim = d_model // num_heads
     shape = (d_model, 3, num_heads, head_dim)
     if gain is None:
@@ -56,6 +64,7 @@ class Attention(nnx.Module):
     self.out = layers.param(out_init, rngs.params(), (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'))
     self.out_bias = layers.param(layers.zeros, rngs.params(), (d_model,), ('embed',))
     self.scale = head_dim ** -0.5
+    self.fused = fused
 
   def _project(self, x: jax.Array, parts: slice) -> jax.Array:
     kernel = self.qkv[...][:, parts].astype(x.dtype)
@@ -76,8 +85,13 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, *,
                dropout_rate: float, rng: jax.Array | None) -> jax.Array:
     """Attention of `x` over `memory` (pass `x` itself for self-attention)."""
-    kv = self.key_value(memory)
-    return self.output(attend(self.query(x), kv.key, kv.value, mask, dropout_rate=dropout_rate, rng=rng))
+    return self.attend_to(x, self.key_value(memory), mask, dropout_rate=dropout_rate, rng=rng)
+
+  def attend_to(self, x: jax.Array, kv: KVCache, mask: jax.Array, *,
+                dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+    """Attention of `x` over precomputed keys and values (the decoder's cross-attention cache)."""
+    context = attend(self.query(x), kv.key, kv.value, mask, dropout_rate=dropout_rate, rng=rng, fused=self.fused)
+    return self.output(context)
 
   def cached_self_attention(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
     """One decoding step: writes this position's key/value at `index`, attends to positions <= index."""
@@ -85,5 +99,4 @@ class Attention(nnx.Module):
     cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1)
                       for c, n in zip(cache, new)))
     visible = (jnp.arange(cache.key.shape[1]) <= index)[None, None, None, :]
-    context = attend(self.query(x), cache.key, cache.value, visible, dropout_rate=0.0, rng=None)
-    return self.output(context), cache
+    return self.attend_to(x, cache, visible, dropout_rate=0.0, rng=None), cache

@@ -22,6 +22,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
+  fused_attention: bool = False
   max_len: int = 256
 
   @property

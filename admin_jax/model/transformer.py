@@ -15,7 +15,6 @@ import numpy as np
 from admin_jax.model import layers
 from admin_jax.model.attention import Attention
 from admin_jax.model.attention import KVCache
-from admin_jax.model.attention import attend
 from admin_jax.model.config import TransformerConfig
 from admin_jax.model.residual import ADMIN_RESIDUALS
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
@@ -62,7 +61,7 @@ class EncoderLayer(nnx.Module):
   """Self-attention and FFN sublayers, each wrapped in its residual."""
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
-    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
     self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
@@ -90,9 +89,9 @@ class DecoderLayer(nnx.Module):
   """Causal self-attention, cross-attention over the encoder output, and FFN."""
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
-    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
     self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
-    self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, rngs=rngs)
+    self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
     self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
@@ -103,8 +102,8 @@ class DecoderLayer(nnx.Module):
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = rngs
     omegas.append(profile and profile.r)
     h = self.cross_attention_residual.branch_input(x, dtype)
-    context = self.cross_attention.output(attend(self.cross_attention.query(h), memory_kv.key, memory_kv.value,
-                                                 cross_mask, dropout_rate=cfg.attention_dropout, rng=attn_rng))
+    context = self.cross_attention.attend_to(h, memory_kv, cross_mask, dropout_rate=cfg.attention_dropout,
+                                             rng=attn_rng)
     x, profile = self.cross_attention_residual(x, layers.dropout(context, cfg.dropout, attn_out_rng), profile, tap)
 
     omegas.append(profile and profile.r)
