@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np

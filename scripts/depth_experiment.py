@@ -23,8 +23,8 @@ DEPTHS = (6, 18)
 CPU_SCALE = [
     '--config.model.d_model=64', '--config.model.ffn_dim=256', '--config.model.num_heads=4',
     '--config.model.dtype=float32', '--config.data.vocab_size=4000', '--config.data.max_len=48',
-    '--config.data.tokens_per_batch=2304', '--config.train.num_steps=800', '--config.train.warmup_steps=300',
-    '--config.train.log_every_steps=25', '--config.checkpoint.every_steps=800', '--config.eval.every_steps=0',
+    '--config.data.tokens_per_batch=2304', '--config.train.num_steps=300', '--config.train.warmup_steps=100',
+    '--config.train.log_every_steps=20', '--config.checkpoint.every_steps=300', '--config.eval.every_steps=0',
     '--config.eval.beam_size=1',
 ]
 

@@ -6,17 +6,21 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 sys.path.insert(0, str(REPO))  # configs/ is imported as a package, as jobs do from the repository root
+# Tests run tiny models, where XLA's optimisation passes cost far more time than they save; the
+# numerics compared here do not depend on them (Flax's own examples test this way).
+jax.config.update('jax_disable_most_optimizations', True)
 
 
 def subprocess_env(devices: int | None = None) -> dict[str, str]:
   """Environment for a job run in a child process, optionally with N host CPU devices."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   if devices:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env

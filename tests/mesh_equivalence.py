@@ -21,7 +21,6 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 
 
 def main() -> None:
-  jax.config.update('jax_disable_most_optimizations', True)  # compile time dominates on tiny models
   train = ml_collections.ConfigDict(dict(optimizer='adam', lr=1e-3, warmup_steps=2, warmup_init_lr=1e-7, b1=0.9,
                                          b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
   model_cfg = TransformerConfig(vocab_size=64, residual='admin', num_encoder_layers=2, num_decoder_layers=2,

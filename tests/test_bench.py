@@ -56,21 +56,9 @@ FAST_PATHS = [
 ]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def quick_compiles():
-  """These tests compile small programs and run them once, so XLA's CPU optimisation passes cost
-  more than they save: the state's initialisation compiles in 1.5 s of CPU time instead of 10 s,
-  a tiny train step in 5 s instead of 10 s."""
-  previous = jax.config.values['jax_disable_most_optimizations']
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 def test_tiny_preset_prints_one_json_line_with_every_field():
   command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--steps=3', '--warmup_steps=1']
-  env = dict(subprocess_env(), JAX_DISABLE_MOST_OPTIMIZATIONS='1')  # as quick_compiles
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1, result.stdout

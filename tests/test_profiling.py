@@ -3,7 +3,6 @@
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 import numpy as np
