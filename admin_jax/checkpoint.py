@@ -9,13 +9,15 @@ Saved every `checkpoint.every_steps` steps and when forced (the last step, a sto
 the latest `checkpoint.keep` steps plus the best by validation BLEU. Restoring takes the target
 shardings from the current mesh, so a checkpoint written on one mesh loads on another.
 A damaged checkpoint is reported and moved aside to STEP.damaged (orbax then ignores it and the
-step can be saved again); nothing is deleted, not even orbax's unfinished temporary folders.
+step can be saved again). Only retention deletes checkpoints; orbax's own cleanup of unfinished
+temporary folders is off, so the one a killed save leaves stays until that step is saved again.
 """
 
 import base64
 import math
 import os
 import sys
+import textwrap
 from typing import Any
 
 import jax
@@ -63,6 +65,10 @@ class Checkpoints:
     scores = {step: metrics[BLEU_METRIC] for step in self.steps()
               if (metrics := self.manager.metrics(step)) and BLEU_METRIC in metrics}
     return max(scores, key=scores.get) if scores else None
+
+  def due(self, step: int) -> bool:
+    """Whether `save` writes `step` unforced: on the interval and newer than every saved step."""
+    return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict, *, metrics: dict | None = None,
            force: bool = False) -> bool:
@@ -131,7 +137,7 @@ def _bleu(metrics: dict) -> float:
 
 def _first_line(error: Exception) -> str:
   lines = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {lines[0][:160]}' if lines else type(error).__name__
+  return f'{type(error).__name__}: {textwrap.shorten(lines[0], 160)}' if lines else type(error).__name__
 
 
 def abstract_like(abstract_tree: Any, shardings: Any) -> Any:
@@ -142,8 +148,8 @@ def abstract_like(abstract_tree: Any, shardings: Any) -> Any:
 def run_meta(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict:
   """The `meta` item: what a checkpoint needs besides arrays to be used on its own.
 
-  The SentencePiece model travels as base64 inside the JSON (a few hundred KiB for 32k pieces)
-  rather than as a file item, so every checkpoint stays three orbax items of standard types.
+  The SentencePiece model travels as base64 inside the JSON (about 1 MiB for 32k pieces) rather
+  than as a file item, so every checkpoint stays three orbax items of standard types.
   """
   return {'config': config.to_dict(), 'vocab_size': tokenizer.vocab_size,
           'spm_model': base64.b64encode(tokenizer.model_proto).decode('ascii')}

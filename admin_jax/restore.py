@@ -98,18 +98,18 @@ def resolve_steps(checkpoints: checkpoint_lib.Checkpoints, spec: str) -> list[in
       raise UserError(f'no checkpoint for step {number} in {checkpoints.directory}; steps: {steps}')
     return [number]
   if number > len(steps):
-    raise UserError(f'--checkpoint={spec} needs {number} checkpoints, {checkpoints.directory} has '
+    raise UserError(f'{spec} needs {number} checkpoints, {checkpoints.directory} has '
                     f'{len(steps)}: {steps}')
   return steps[-number:]
 
 
 def model_setup(config: ml_collections.ConfigDict, vocab_size: int,
                 mesh: jax.sharding.Mesh) -> tuple[train_step_lib.Setup, Any]:
-  """The model's Setup and the abstract train state (shapes, target shardings) to restore into."""
+  """The model's Setup and its parameters' shapes with target shardings, to restore into."""
   model_cfg = TransformerConfig.from_config(config, vocab_size)
   tx, schedule = optim.make_optimizer(config.train)
   setup, abstract = train_step_lib.abstract_train_state(model_cfg, tx, schedule, mesh, config.train.seed)
-  return setup, checkpoint_lib.abstract_like(abstract, setup.state_shardings)
+  return setup, checkpoint_lib.abstract_like(abstract.params, setup.state_shardings.params)
 
 
 def restore_params(checkpoints: checkpoint_lib.Checkpoints, step: int, abstract_params: Any) -> Any:
@@ -131,7 +131,10 @@ def _add(total: Any, params: Any) -> Any:
 
 
 def average_params(checkpoints: checkpoint_lib.Checkpoints, steps: list[int], abstract_params: Any) -> Any:
-  """The mean parameters of checkpoints `steps`, summed in float32, one checkpoint in memory at a time."""
+  """The mean parameters of checkpoints `steps`, summed in float32, one checkpoint in memory at a time.
+
+  `steps` may repeat a step (its weight grows) or hold one step (its parameters, unchanged).
+  """
   total = jax.tree.map(lambda p: p.astype(jnp.float32), restore_params(checkpoints, steps[0], abstract_params))
   for step in steps[1:]:
     total = _add(total, restore_params(checkpoints, step, abstract_params))
@@ -159,7 +162,6 @@ def load_for_inference(workdir: str, checkpoint: str = 'latest',
   steps = resolve_steps(checkpoints, checkpoint)
   tokenizer = load_tokenizer(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  setup, abstract = model_setup(config, tokenizer.vocab_size, mesh)
-  params = (restore_params(checkpoints, steps[0], abstract.params) if len(steps) == 1
-            else average_params(checkpoints, steps, abstract.params))
+  setup, abstract_params = model_setup(config, tokenizer.vocab_size, mesh)
+  params = average_params(checkpoints, steps, abstract_params)  # of one step: that step's, exactly
   return Inference(config, tokenizer, setup, params, mesh, steps)

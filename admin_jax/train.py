@@ -61,6 +61,15 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
                     'use a new --workdir')
 
 
+def all_data_states(local: dict) -> dict:
+  """Every process's data-shard positions in one iterator state.
+
+  Orbax writes JSON items from process 0 only, and a resume on another number of processes takes
+  its shards from the whole set (TrainIterator.set_state picks its own).
+  """
+  return {'shards': [shard for state in distributed.allgather_json(local) for shard in state['shards']]}
+
+
 def stack_micro_batches(iterator, count: int) -> dict[str, np.ndarray]:
   batches = [next(iterator) for _ in range(count)]
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -190,9 +199,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(step, eval_metrics)
       tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()))
     preempted = distributed.any_process(stop.received is not None)
-    checkpoints.save(step, state, data_state, meta,
-                     metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
-                     force=preempted or step == num_steps)
+    force = preempted or step == num_steps
+    if force or checkpoints.due(step):
+      checkpoints.save(step, state, all_data_states(data_state), meta,
+                       metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
+                       force=force)
     if preempted:
       break
 

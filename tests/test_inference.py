@@ -58,13 +58,15 @@ def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
   checkpoints = restore.open_checkpoints(workdir, config)
   tokenizer = restore.load_tokenizer(config, workdir)
   _, abstract = restore.model_setup(config, tokenizer.vocab_size, sharding.make_mesh(config.mesh))
-  early, late = (_leaves(restore.restore_params(checkpoints, step, abstract.params)) for step in (2, 6))
+  early, late = (_leaves(restore.restore_params(checkpoints, step, abstract)) for step in (2, 6))
   assert any(not np.array_equal(a, b) for a, b in zip(early, late))
 
-  copies = _leaves(restore.average_params(checkpoints, [6, 6, 6], abstract.params))
+  for single, original in zip(_leaves(restore.average_params(checkpoints, [6], abstract)), late):
+    np.testing.assert_array_equal(single, original)
+  copies = _leaves(restore.average_params(checkpoints, [6, 6, 6], abstract))
   for average, original in zip(copies, late):
     np.testing.assert_allclose(average, original, rtol=1e-6, atol=0)
-  mean = _leaves(restore.average_params(checkpoints, [2, 6], abstract.params))
+  mean = _leaves(restore.average_params(checkpoints, [2, 6], abstract))
   for average, a, b in zip(mean, early, late):
     np.testing.assert_allclose(average, np.mean([a, b], axis=0), rtol=1e-6, atol=1e-7)
 
@@ -73,8 +75,8 @@ def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   written = restore.open_checkpoints(str(output_dir), restore.saved_config(str(output_dir)))
   assert written.steps() == [6]
-  for saved, expected in zip(_leaves(restore.restore_params(written, 6, abstract.params)),
-                             _leaves(restore.average_params(checkpoints, [4, 6], abstract.params))):
+  for saved, expected in zip(_leaves(restore.restore_params(written, 6, abstract)),
+                             _leaves(restore.average_params(checkpoints, [4, 6], abstract))):
     np.testing.assert_array_equal(saved, expected)
 
 
