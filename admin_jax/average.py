@@ -42,7 +42,6 @@ def write_average(workdir: str, last: int, output_dir: str) -> list[int]:
 
 def main(argv):
   del argv
-  restore.quiet_logging()
   workdir = cli.require_workdir()
   distributed.initialize()
   output_dir = OUTPUT_DIR.value or os.path.join(workdir, 'averaged')

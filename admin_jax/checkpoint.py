@@ -84,6 +84,18 @@ class Checkpoints:
     restored = self.manager.restore(step, args=args)
     return restored.state, restored.data, restored.meta
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """The parameters of checkpoint `step` alone, laid out as `abstract_params` says.
+
+    A partial restore of the 'state' item: the optimizer moments (twice the parameters) are not
+    read. The manager then has a PyTree handler for 'state', so this object must not also be
+    used for a full `restore`.
+    """
+    target = {'params': abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
+
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 

@@ -41,11 +41,12 @@ def _one_line(error: BaseException) -> str:
 
 def _unknown_key_message(argv: list[str], error: BaseException) -> str:
   """Names the override whose key does not exist, with ml_collections' suggestion."""
-  missing = re.search(r"'([^'\\]+)'", str(error))
-  suggestion = re.search(r'Did you mean "([^"]+)"', str(error))
+  text = str(error)
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  missing = suggestion.group(2) if suggestion else next(iter(re.findall(r"(\w+)", text)), None)
   for arg in argv:
     match = re.match(r'--config\.([\w.]+)', arg)
-    if match and missing and missing.group(1) in match.group(1).split('.'):
+    if match and missing in match.group(1).split('.'):
       hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ''
       return f"unknown config key '{match.group(1)}'{hint}"
   return f'bad config override: {_one_line(error)}'

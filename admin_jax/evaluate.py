@@ -13,7 +13,6 @@ from absl import flags
 from admin_jax import cli
 from admin_jax import distributed
 from admin_jax import evaluation
-from admin_jax import restore
 from admin_jax import translate
 
 SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'], 'Which split of the run\'s corpus to score.')
@@ -23,7 +22,6 @@ _LABELS = {'bleu': 'BLEU', 'chrf': 'chrF2', 'tokenized_bleu': 'tokenized BLEU'}
 
 def main(argv):
   del argv
-  restore.quiet_logging()
   workdir = cli.require_workdir()
   distributed.initialize()
   config = translate.config_from_flags(workdir)

@@ -1,6 +1,7 @@
 """Where training metrics go: DIR/metrics.jsonl, TensorBoard events and a loss-curve PNG."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -24,7 +25,7 @@ class MetricsWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     for key, value in record.items():
-      if key != 'step' and isinstance(value, (int, float)):
+      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self._tensorboard.add_scalar(key, value, step)
     self._tensorboard.flush()
 

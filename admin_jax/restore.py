@@ -13,12 +13,9 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import cli
@@ -40,13 +37,6 @@ class Inference(NamedTuple):
   params: Any
   mesh: jax.sharding.Mesh
   steps: list[int]
-
-
-def quiet_logging() -> None:
-  """Keeps orbax's INFO lines off stderr, which then holds only progress and one-line errors;
-  an explicit --verbosity still wins."""
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -112,19 +102,6 @@ def model_setup(config: ml_collections.ConfigDict, vocab_size: int,
   return setup, checkpoint_lib.abstract_like(abstract.params, setup.state_shardings.params)
 
 
-def restore_params(checkpoints: checkpoint_lib.Checkpoints, step: int, abstract_params: Any) -> Any:
-  """The parameters of checkpoint `step` alone, laid out as `abstract_params` says.
-
-  A partial restore of the 'state' item: the optimizer moments (twice the parameters) are not
-  read. The manager then has a PyTree handler for 'state', so `checkpoints` must not also be
-  used for a full `Checkpoints.restore`.
-  """
-  target = {'params': abstract_params}
-  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                partial_restore=True)
-  return checkpoints.manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
-
-
 @functools.partial(jax.jit, donate_argnums=0)  # the running sum is updated in place
 def _add(total: Any, params: Any) -> Any:
   return jax.tree.map(lambda t, p: t + p.astype(jnp.float32), total, params)
@@ -135,9 +112,9 @@ def average_params(checkpoints: checkpoint_lib.Checkpoints, steps: list[int], ab
 
   `steps` may repeat a step (its weight grows) or hold one step (its parameters, unchanged).
   """
-  total = jax.tree.map(lambda p: p.astype(jnp.float32), restore_params(checkpoints, steps[0], abstract_params))
+  total = jax.tree.map(lambda p: p.astype(jnp.float32), checkpoints.restore_params(steps[0], abstract_params))
   for step in steps[1:]:
-    total = _add(total, restore_params(checkpoints, step, abstract_params))
+    total = _add(total, checkpoints.restore_params(step, abstract_params))
   return jax.tree.map(lambda t, a: (t / len(steps)).astype(a.dtype), total, abstract_params)
 
 

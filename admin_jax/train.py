@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f'last good checkpoint: {last if last is not None else "none"}')
 
     eval_metrics = None
-    if config.eval.every_steps and step % config.eval.every_steps == 0:
+    if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
       eval_metrics = evaluator.validate(state.params)
       writer.write(step, eval_metrics)
       tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()))

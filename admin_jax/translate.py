@@ -86,7 +86,6 @@ def _write(lines: list[str], path: str | None) -> None:
 
 def main(argv):
   del argv
-  restore.quiet_logging()
   workdir = cli.require_workdir()
   distributed.initialize()
   sources = corpora.read_lines(INPUT.value) if INPUT.value else _read_stdin()

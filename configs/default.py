@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   checkpoint.keep = 10
 
   config.eval = eval_config = ml_collections.ConfigDict()
-  eval_config.every_steps = 5000
+  eval_config.every_steps = 5000  # validation BLEU every N steps; 0: only the final test pass; -1: neither
   eval_config.beam_size = 4
   eval_config.length_penalty = 0.6
   eval_config.max_len_a = 1.2  # decode at most a * source_length + b tokens

@@ -58,7 +58,7 @@ def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
   checkpoints = restore.open_checkpoints(workdir, config)
   tokenizer = restore.load_tokenizer(config, workdir)
   _, abstract = restore.model_setup(config, tokenizer.vocab_size, sharding.make_mesh(config.mesh))
-  early, late = (_leaves(restore.restore_params(checkpoints, step, abstract)) for step in (2, 6))
+  early, late = (_leaves(checkpoints.restore_params(step, abstract)) for step in (2, 6))
   assert any(not np.array_equal(a, b) for a, b in zip(early, late))
 
   for single, original in zip(_leaves(restore.average_params(checkpoints, [6], abstract)), late):
@@ -75,7 +75,7 @@ def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   written = restore.open_checkpoints(str(output_dir), restore.saved_config(str(output_dir)))
   assert written.steps() == [6]
-  for saved, expected in zip(_leaves(restore.restore_params(written, 6, abstract)),
+  for saved, expected in zip(_leaves(written.restore_params(6, abstract)),
                              _leaves(restore.average_params(checkpoints, [4, 6], abstract))):
     np.testing.assert_array_equal(saved, expected)
 
