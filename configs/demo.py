@@ -29,20 +29,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.test = 'test'
   config.data.vocab_size = 1000
   config.data.max_len = 64
-  config.data.tokens_per_batch = 4096
+  config.data.tokens_per_batch = 2048
   config.data.eval_batch_size = 100
   config.data.synthetic_train_size = 20000
   config.data.synthetic_eval_size = 300
 
-  config.train.num_steps = 600
+  config.train.num_steps = 500
   config.train.lr = 2e-3
-  config.train.warmup_steps = 200
+  config.train.warmup_steps = 150
   config.train.log_every_steps = 50
 
-  config.checkpoint.every_steps = 200
+  config.checkpoint.every_steps = 250
   config.checkpoint.keep = 2
 
-  config.eval.every_steps = 300
+  config.eval.every_steps = 250
   config.eval.beam_size = 4
   config.eval.max_sentences = 100
   return config
