@@ -5,18 +5,12 @@ dropout key that `admin_jax.train` would use for step 0, so a later training run
 workdir reuses this profile instead of measuring again.
 """
 
-import jax
-
 from admin_jax import cli
 from admin_jax import distributed
-from admin_jax import optim
 from admin_jax import profiling
 from admin_jax import sharding
-from admin_jax import train_step as train_step_lib
-from admin_jax.data import pipeline
-from admin_jax.data import tokenizer as tokenizer_lib
+from admin_jax import train
 from admin_jax.errors import UserError
-from admin_jax.model import TransformerConfig
 
 
 def main(argv):
@@ -26,16 +20,9 @@ def main(argv):
   distributed.initialize()
   if config.model.residual != 'admin':
     raise UserError(f"profiling applies to model.residual='admin', not {config.model.residual!r}")
-  if distributed.is_lead():
-    cli.write_config(config, workdir)
-  tokenizer = tokenizer_lib.load_or_train_tokenizer(config, workdir)
-  model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
-  mesh = sharding.make_mesh(config.mesh)
-  tx, schedule = optim.make_optimizer(config.train)
-  setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed)
-  batch = next(pipeline.train_iterator(config, tokenizer, seed=config.train.seed,
-                                       process_index=jax.process_index(), process_count=jax.process_count()))
-  omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh),
+  run = train.start_run(config, workdir)
+  batch = next(run.train_iter)
+  omegas = profiling.profile_omegas(run.setup, run.state, sharding.global_batch(batch, run.mesh),
                                     mask_padding=config.admin.mask_padding)
   if distributed.is_lead():
     profiling.write_profile(workdir, omegas, profiling.batch_statistics(batch))

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -113,13 +114,20 @@ def compile_step(step_fn, state, micro_batches, mesh):
   return compiled, {'compile_seconds': seconds, **{f'memory_{k}': v for k, v in footprint.items()}}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  stop = StopSignal()  # first thing: a signal during setup, profiling or compilation stops after one step
-  lead = distributed.is_lead()
-  if lead:
+class Run(NamedTuple):
+  """What a training-side job builds before its first step."""
+  tokenizer: tokenizer_lib.Tokenizer
+  mesh: jax.sharding.Mesh
+  setup: train_step_lib.Setup
+  state: train_step_lib.TrainState
+  train_iter: pipeline.TrainIterator
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks and records the config, then the tokenizer, mesh, sharded initial state and data."""
+  if distributed.is_lead():
     check_workdir_compatible(config, workdir)
     cli.write_config(config, workdir)
-
   tokenizer = tokenizer_lib.load_or_train_tokenizer(config, workdir)
   model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
@@ -127,6 +135,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed)
   train_iter = pipeline.train_iterator(config, tokenizer, seed=config.train.seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
+  return Run(tokenizer, mesh, setup, state, train_iter)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  stop = StopSignal()  # first thing: a signal during setup, profiling or compilation stops after one step
+  lead = distributed.is_lead()
+  tokenizer, mesh, setup, state, train_iter = start_run(config, workdir)
+  model_cfg = setup.model_cfg
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
                                            every_steps=config.checkpoint.every_steps)
   meta = checkpoint_lib.run_meta(config, tokenizer)

@@ -95,7 +95,7 @@ def test_cached_decoding_equals_full_forward(residual, np_rng):
 
 def layer_params(model_stack, i):
   """Layer i's weights from the stacked state, as nested float64 dicts."""
-  state = nnx.state(model_stack.layers, nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model_stack.layers, nnx.Param))
   return jax.tree.map(lambda a: np.asarray(a[i], np.float64), state)
 
 
@@ -146,7 +146,7 @@ def test_layers_match_numpy_reference(residual, np_rng):
 def test_initialisation_statistics():
   d = 64
   cfg = tiny('post_ln', d_model=d, ffn_dim=256, num_heads=4, vocab_size=2000)
-  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
   table = np.asarray(params['embedding']['table'])
   assert abs(table[1:].std() / d ** -0.5 - 1) < 0.03 and not table[0].any()
   enc = params['encoder']['layers']
@@ -168,7 +168,7 @@ def test_initialisation_statistics():
 
 def test_deepnorm_scales_branch_init():
   cfg = tiny('deepnorm', d_model=64, ffn_dim=256, num_encoder_layers=6, num_decoder_layers=6)
-  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
   c = residual_lib.deepnorm_constants(6, 6)
   qkv = np.asarray(params['decoder']['layers']['self_attention']['qkv'])
   std = math.sqrt(2 / (2 * 64))

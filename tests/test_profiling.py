@@ -30,7 +30,7 @@ def tiny(**kw):
 
 def numpy_profile(model: Transformer, batch) -> dict[str, list[float]]:
   """Spec 2.2 in float64: omega_k := r, r := sqrt(Var[omega_k x] + Var[f_k]) over the padded tensor."""
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   d = model.cfg.d_model
   table = params['embedding']['table']

@@ -57,6 +57,18 @@ def _layer_outputs(profile: Profile | None, omegas: list[Any], tap: Tap | None) 
   return (jnp.stack(omegas) if profile is not None else None), (None if tap is None else tap.stacked())
 
 
+def _sublayer(residual: Residual, x: jax.Array, branch: Callable[[jax.Array], jax.Array], *,
+              cfg: TransformerConfig, rng: jax.Array | None, profile: Profile | None, omegas: list[Any],
+              tap: Tap | None) -> tuple[jax.Array, Profile | None]:
+  """x_k from x_{k-1}: the branch on what the residual feeds it, dropout on its output, the residual.
+
+  While profiling, records the running scalar r as this sublayer's omega before it is used.
+  """
+  omegas.append(None if profile is None else profile.r)
+  f = branch(residual.branch_input(x, cfg.compute_dtype))
+  return residual(x, layers.dropout(f, cfg.dropout, rng), profile, tap)
+
+
 class EncoderLayer(nnx.Module):
   """Self-attention and FFN sublayers, each wrapped in its residual."""
 
@@ -69,19 +81,16 @@ class EncoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None, profile: Profile | None,
                tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
-    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    cfg = self.cfg
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = _split(rng, 4)
     omegas = []
-
-    omegas.append(profile and profile.r)
-    h = self.self_attention_residual.branch_input(x, dtype)
-    f = self.self_attention(h, h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng)
-    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, attn_out_rng), profile, tap)
-
-    omegas.append(profile and profile.r)
-    h = self.ffn_residual.branch_input(x, dtype)
-    f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
-    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile, tap)
+    x, profile = _sublayer(
+        self.self_attention_residual, x,
+        lambda h: self.self_attention(h, h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng),
+        cfg=cfg, rng=attn_out_rng, profile=profile, omegas=omegas, tap=tap)
+    x, profile = _sublayer(
+        self.ffn_residual, x, lambda h: self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng),
+        cfg=cfg, rng=ffn_out_rng, profile=profile, omegas=omegas, tap=tap)
     return x, profile, omegas
 
 
@@ -98,31 +107,31 @@ class DecoderLayer(nnx.Module):
     self.cfg = cfg
 
   def _cross_and_ffn(self, x, memory_kv: KVCache, cross_mask, rngs, profile, omegas, tap=None):
-    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    """The sublayers after self-attention, shared by the full forward and cached decoding."""
+    cfg = self.cfg
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = rngs
-    omegas.append(profile and profile.r)
-    h = self.cross_attention_residual.branch_input(x, dtype)
-    context = self.cross_attention.attend_to(h, memory_kv, cross_mask, dropout_rate=cfg.attention_dropout,
-                                             rng=attn_rng)
-    x, profile = self.cross_attention_residual(x, layers.dropout(context, cfg.dropout, attn_out_rng), profile, tap)
-
-    omegas.append(profile and profile.r)
-    h = self.ffn_residual.branch_input(x, dtype)
-    f = self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng)
-    x, profile = self.ffn_residual(x, layers.dropout(f, cfg.dropout, ffn_out_rng), profile, tap)
+    x, profile = _sublayer(
+        self.cross_attention_residual, x,
+        lambda h: self.cross_attention.attend_to(h, memory_kv, cross_mask, dropout_rate=cfg.attention_dropout,
+                                                 rng=attn_rng),
+        cfg=cfg, rng=attn_out_rng, profile=profile, omegas=omegas, tap=tap)
+    x, profile = _sublayer(
+        self.ffn_residual, x, lambda h: self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng),
+        cfg=cfg, rng=ffn_out_rng, profile=profile, omegas=omegas, tap=tap)
     return x, profile
 
   def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, cross_mask: jax.Array,
                rng: jax.Array | None, profile: Profile | None,
                tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
-    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    cfg = self.cfg
     rngs = _split(rng, 6)
-    omegas = [profile and profile.r]
-    h = self.self_attention_residual.branch_input(x, dtype)
-    f = self.self_attention(h, h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
-    x, profile = self.self_attention_residual(x, layers.dropout(f, cfg.dropout, rngs[1]), profile, tap)
-    x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(dtype)), cross_mask,
-                                     rngs[2:], profile, omegas, tap)
+    omegas = []
+    x, profile = _sublayer(
+        self.self_attention_residual, x,
+        lambda h: self.self_attention(h, h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
+        cfg=cfg, rng=rngs[1], profile=profile, omegas=omegas, tap=tap)
+    x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(cfg.compute_dtype)),
+                                     cross_mask, rngs[2:], profile, omegas, tap)
     return x, profile, omegas
 
   def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross_mask: jax.Array,
