@@ -134,3 +134,14 @@ def test_evaluate_prints_and_writes_sacrebleu(workdir):
   assert float(printed_chrf.group(1)) == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score,
                                                        abs=0.005)
   assert f'bleu_signature: {printed.group(2)}' in pathlib.Path(workdir, 'eval', 'test.scores').read_text()
+
+
+def test_dependency_of_a_trained_checkpoint_beside_its_initialisation(workdir, tmp_path):
+  proc = _run('analysis.dependency', f'--workdir={workdir}', f'--out={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = (tmp_path / 'dependency.csv').read_text().splitlines()
+  labels = {row.split(',')[0] for row in rows[1:]}
+  assert labels == {'admin (init)', 'admin (step 6)'}, labels
+  betas = np.array([float(row.split(',')[-1]) for row in rows[1:]])
+  assert np.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1 + 1e-6).all()
+  assert (tmp_path / 'dependency.png').stat().st_size > 0

@@ -13,6 +13,7 @@ Targets: Post-LN at initialisation has beta_{i,i} ~ 0.5 everywhere; Pre-LN, and 
 initialisation, decay like 1/sqrt(i).
 
     python -m admin_jax.analysis.dependency --config=configs/default.py --config.model.num_encoder_layers=6 --out=DIR
+    python -m admin_jax.analysis.dependency --workdir=RUN --out=DIR   # a trained run and its initialisation
 """
 
 import functools
@@ -24,10 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from admin_jax import cli
+from admin_jax import restore
+from admin_jax import train_step
 from admin_jax.analysis import command
 from admin_jax.analysis import plots
 from admin_jax.analysis import probe
-from admin_jax.errors import UserError
 from admin_jax.model import Transformer
 from admin_jax.model.layers import LN_EPS
 from admin_jax.model.residual import Sublayer
@@ -94,16 +96,28 @@ def run(models: Mapping[str, Transformer], batch: Mapping[str, np.ndarray], out:
   return betas
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  if cli.WORKDIR.value:
-    raise UserError('--workdir: measuring a trained checkpoint needs checkpoint loading, which is not available '
-                    'yet; run without it for the initialisation')
-  out = command.output_dir()
-  cfg = command.model_config()
+def trained_and_initial(workdir: str, seed: int) -> tuple[dict[str, Transformer], dict[str, np.ndarray]]:
+  """The workdir's latest checkpoint beside the same architecture freshly initialised (spec 7.2's pair)."""
+  inference = restore.load_for_inference(workdir)
+  trained = train_step.model_from(inference.setup, inference.params)
+  cfg = probe.probe_config(trained.cfg)
   batch = command.batch(cfg)
-  models = {f'{r} (init)': probe.build_model(probe.probe_config(cfg, residual=r), batch, command.SEED.value)
-            for r in command.residuals()}
+  models = {f'{cfg.residual} (init)': probe.build_model(cfg, batch, seed),
+            f'{cfg.residual} (step {inference.steps[-1]})': trained}
+  return models, batch
+
+
+def main(argv: list[str]) -> None:
+  """With --workdir, the run's latest checkpoint and its initialisation; else --config per --residuals."""
+  del argv
+  out = command.output_dir()
+  if cli.WORKDIR.value:
+    models, batch = trained_and_initial(cli.WORKDIR.value, command.SEED.value)
+  else:
+    cfg = command.model_config()
+    batch = command.batch(cfg)
+    models = {f'{r} (init)': probe.build_model(probe.probe_config(cfg, residual=r), batch, command.SEED.value)
+              for r in command.residuals()}
   run(models, batch, out)
 
 
