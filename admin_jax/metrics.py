@@ -35,8 +35,8 @@ class MetricsWriter:
 
 
 def _plain(value):
-  value = np.asarray(value).item() if hasattr(value, 'shape') or isinstance(value, np.generic) else value
-  return value
+  """Arrays and NumPy scalars as Python numbers, so that json can write them."""
+  return np.asarray(value).item() if hasattr(value, 'shape') or isinstance(value, np.generic) else value
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -10,6 +10,7 @@ batch on (data, fsdp) while a parameter ('embed', 'mlp') puts embed on fsdp (FSD
 from collections.abc import Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -92,8 +93,6 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   array), so it serves as jit shardings and as orbax restore targets alike. Leaves without
   metadata (optimizer counters, RNG keys, step) are replicated.
   """
-  from flax import nnx  # local: keeps this module importable without flax for launch tooling
-
   mesh_shape = dict(mesh.shape)
 
   def sharding(leaf):
