@@ -214,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = evaluator.validate(state.params)
       writer.write(step, eval_metrics)
       tqdm.write(f'step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()))
-    preempted = distributed.any_process(stop.received is not None)
+    if jax.process_count() == 1 or step % config.train.log_every_steps == 0 or checkpoints.due(step):
+      # Agreeing across processes is a blocking collective: on pods only at log and save steps.
+      preempted = distributed.any_process(stop.received is not None)
     force = preempted or step == num_steps
     if force or checkpoints.due(step):
       checkpoints.save(step, state, all_data_states(data_state), meta,
