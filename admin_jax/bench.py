@@ -56,6 +56,8 @@ _PRESET = flags.DEFINE_list('preset', ['base6'], f'Comma-separated presets: {", 
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per preset; the median is reported.')
 _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after compiling.')
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Rematerialisation of each layer.')
+_LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
+                                          'Tokens projected onto the vocabulary at a time in the loss (0: all).')
 flags.register_validator('preset', lambda names: all(n in PRESETS for n in names),
                          message=f'every preset must be one of {", ".join(PRESETS)}')
 
@@ -115,10 +117,11 @@ def _timed_steps(compiled, state, micro_batches, count: int, desc: str) -> tuple
 
 
 def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: str,
-              matmul_peak: float) -> dict:
+              matmul_peak: float, loss_chunk_tokens: int = 0) -> dict:
   """Compiles and times the train step of one preset; returns the JSON record."""
   cfg = model_config(preset, remat)
   config = default.get_config()
+  config.train.loss_chunk_tokens = loss_chunk_tokens
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.train)
   setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, config.train.seed)
@@ -161,6 +164,7 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
       'batch': preset.batch,
       'dtype': preset.dtype,
       'remat': remat,
+      'loss_chunk_tokens': loss_chunk_tokens,
       'steps': steps,
       'warmup_steps': warmup_steps,
       'jax': jax.__version__,
@@ -171,7 +175,8 @@ def main(argv):
   del argv
   matmul_peak = flops.measured_matmul_tflops()
   for name in tqdm(_PRESET.value, desc='presets', unit='preset', disable=len(_PRESET.value) == 1):
-    record = benchmark(name, PRESETS[name], _STEPS.value, _WARMUP_STEPS.value, _REMAT.value, matmul_peak)
+    record = benchmark(name, PRESETS[name], _STEPS.value, _WARMUP_STEPS.value, _REMAT.value, matmul_peak,
+                       _LOSS_CHUNK_TOKENS.value)
     print(json.dumps(record), flush=True)
 
 

@@ -80,10 +80,16 @@ def micro_batch_rng(rng: jax.Array, index: int | jax.Array) -> jax.Array:
 
 
 def _summed_loss(setup: Setup, params: nnx.State, batch: Batch, rng: jax.Array | None,
-                 label_smoothing: float) -> tuple[jax.Array, losses.TokenLosses]:
-  logits = model_from(setup, params)(batch, rng=rng)
-  sums = losses.label_smoothed_cross_entropy(logits, batch['targets'], batch['targets_segmentation'] > 0,
-                                             label_smoothing)
+                 label_smoothing: float, chunk_tokens: int = 0) -> tuple[jax.Array, losses.TokenLosses]:
+  """Summed token losses; with `chunk_tokens`, never the whole batch's float32 logits at once."""
+  model = model_from(setup, params)
+  weights = batch['targets_segmentation'] > 0
+  if chunk_tokens:
+    sums = losses.chunked_label_smoothed_cross_entropy(
+        model.final_states(batch, rng=rng), model.output_table().table[...], batch['targets'], weights,
+        label_smoothing, chunk_tokens)
+  else:
+    sums = losses.label_smoothed_cross_entropy(model(batch, rng=rng), batch['targets'], weights, label_smoothing)
   return sums.loss, sums
 
 
@@ -102,7 +108,8 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
     def accumulate(carry, xs):
       grads, totals = carry
       index, batch = xs
-      (_, sums), g = grad_fn(setup, state.params, batch, micro_batch_rng(rng, index), train.label_smoothing)
+      (_, sums), g = grad_fn(setup, state.params, batch, micro_batch_rng(rng, index), train.label_smoothing,
+                            train.loss_chunk_tokens)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, sums)), None
 
     num_micro = jax.tree.leaves(micro_batches)[0].shape[0]

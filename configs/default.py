@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.weight_decay = 0.0
   train.clip_norm = 0.0  # 0 = no clipping, as the paper
   train.label_smoothing = 0.1
+  train.loss_chunk_tokens = 0  # >0: project onto the vocabulary this many tokens at a time (saves memory)
   train.grad_accum = 1
   train.seed = 1111
   train.log_every_steps = 100

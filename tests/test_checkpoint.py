@@ -311,7 +311,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(divergin
 
 TRAIN = ml_collections.ConfigDict(dict(
     optimizer='adam', lr=1e-3, warmup_steps=1, warmup_init_lr=1e-3, b1=0.9, b2=0.98, eps=1e-8,
-    weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
+    weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1, loss_chunk_tokens=0))
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 

@@ -87,7 +87,8 @@ def test_profile_matches_numpy_recurrence(np_rng):
 
 def _setup(seed=0, dropout=0.1):
   train = ml_collections.ConfigDict(dict(optimizer='radam', lr=1e-3, warmup_steps=10, warmup_init_lr=1e-7, b1=0.9,
-                                         b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1))
+                                         b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1,
+                                         loss_chunk_tokens=0))
   tx, schedule = optim.make_optimizer(train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   cfg = tiny(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)

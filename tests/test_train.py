@@ -51,7 +51,7 @@ def test_logical_rules_skip_used_and_indivisible_axes():
 
 def train_config(**kw) -> ml_collections.ConfigDict:
   base = dict(optimizer='radam', lr=1e-3, warmup_steps=4, warmup_init_lr=1e-7, b1=0.9, b2=0.98, eps=1e-8,
-              weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1)
+              weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1, loss_chunk_tokens=0)
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -69,6 +69,25 @@ def test_grad_accumulation_equals_one_full_batch(np_rng):
   np.testing.assert_allclose(halves['loss'], full['loss'], rtol=1e-6)
   np.testing.assert_allclose(halves['grad_norm'], full['grad_norm'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(halves_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_equals_the_whole_batch_loss(np_rng):
+  cfg = TransformerConfig(vocab_size=40, residual='pre_ln', num_encoder_layers=1, num_decoder_layers=1,
+                          d_model=16, ffn_dim=32, num_heads=2, dropout=0.1, attention_dropout=0.1,
+                          activation_dropout=0.1)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  batch = {k: v[None] for k, v in packed_batch(np_rng, 3, 10, 40, [[3, 7], [10], [4]]).items()}
+  results = []
+  for chunk in (0, 7):  # 7 does not divide the 30 target positions: the last chunk is padded
+    train = train_config(optimizer='adam', loss_chunk_tokens=chunk)
+    tx, schedule = optim.make_optimizer(train)
+    setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0)
+    results.append(jax.jit(train_step_lib.make_train_step(setup, train))(state, batch))
+  (plain_state, plain), (chunked_state, chunked) = results
+  for key in ('loss', 'nll', 'tokens', 'grad_norm'):
+    np.testing.assert_allclose(chunked[key], plain[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(chunked_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 

@@ -221,11 +221,17 @@ class Transformer(nnx.Module):
   def _decoder_table(self) -> layers.Embedding:
     return self.embedding if self.cfg.share_embeddings else self.decoder_embedding
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def output_table(self) -> layers.Embedding:
+    """The matrix the decoder's states are projected on to get logits (x @ E^T)."""
+    return self.embedding if self.cfg.share_embeddings else self.output_embedding
+
+  def _output_states(self, x: jax.Array) -> jax.Array:
     if self.cfg.residual == 'pre_ln':
       x = self.decoder_final_norm(x)
-    table = self.embedding if self.cfg.share_embeddings else self.output_embedding
-    return constrain(table.logits(x.astype(self.cfg.compute_dtype)), ('batch', 'length', 'vocab'))
+    return x.astype(self.cfg.compute_dtype)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    return constrain(self.output_table().logits(self._output_states(x)), ('batch', 'length', 'vocab'))
 
   # -- encoder and decoder ---------------------------------------------------------------------
 
@@ -278,13 +284,22 @@ class Transformer(nnx.Module):
     """Logits [batch, tgt_len, vocab] (float32) for teacher-forced decoder inputs."""
     return self._logits(self._decode(targets_in, segments, positions, memory, memory_segments, rng, None)[0])
 
-  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None) -> jax.Array:
-    """Teacher-forced logits for a packed batch (the keys the input pipeline yields)."""
+  def final_states(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced decoder states right before the output projection [batch, tgt_len, d_model].
+
+    For losses that project onto the vocabulary a chunk of tokens at a time.
+    """
     enc_rng, dec_rng = _split(rng, 2)
     memory = self.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], rng=enc_rng)
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    return self.decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
-                       batch['inputs_segmentation'], rng=dec_rng)
+    x = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+                     batch['inputs_segmentation'], dec_rng, None)[0]
+    return self._output_states(x)
+
+  def __call__(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced logits for a packed batch (the keys the input pipeline yields)."""
+    states = self.final_states(batch, rng=rng)
+    return constrain(self.output_table().logits(states), ('batch', 'length', 'vocab'))
 
   # -- Admin profiling -------------------------------------------------------------------------
 
