@@ -164,7 +164,7 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
       'batch': preset.batch,
       'dtype': preset.dtype,
       'remat': remat,
-      'loss_chunk_tokens': loss_chunk_tokens,
+      'loss_chunk_tokens': loss_chunk_tokens or None,  # None: the whole batch's logits at once
       'steps': steps,
       'warmup_steps': warmup_steps,
       'jax': jax.__version__,

@@ -57,7 +57,8 @@ FAST_PATHS = [
 
 
 def test_tiny_preset_prints_one_json_line_with_every_field():
-  command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--steps=3', '--warmup_steps=1']
+  command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--steps=3', '--warmup_steps=1',
+             '--loss_chunk_tokens=64']
   result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
@@ -71,6 +72,7 @@ def test_tiny_preset_prints_one_json_line_with_every_field():
   numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)} == {}
   assert record['preset'] == 'tiny' and record['device'] == 'cpu' and record['steps'] == 3
+  assert record['loss_chunk_tokens'] == 64
   assert record['datasheet_peak_tflops'] is None  # no data sheet for a CPU
   assert record['tokens_per_sec'] == pytest.approx(TINY.batch * TINY.seq_len / (record['step_ms'] / 1e3))
 
