@@ -2,20 +2,20 @@
 
 Writes the mean parameters of DIR's last N checkpoints (the paper averages the last 10) as a
 workdir of its own, OUT (default DIR/averaged): config.json, spm.model and one checkpoint at the
-newest averaged step, which holds only {'params': ...}. Translate or evaluate it like any run,
+newest averaged step, which holds only {'params': ...} and, in its meta, the run's SentencePiece model. Translate or evaluate it like any run,
 `--workdir=DIR/averaged`; it cannot resume training (no optimizer state). To score an average
 without writing it, `--checkpoint=avg:N` in translate/evaluate computes the same mean in memory.
 """
 
-import os
-import shutil
-
 from absl import flags
+from etils import epath
 
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import cli
 from admin_jax import distributed
+from admin_jax import files
 from admin_jax import restore
+from admin_jax.data import tokenizer
 from admin_jax.errors import UserError
 
 LAST = flags.DEFINE_integer('last', 10, 'How many of the newest checkpoints to average.', lower_bound=1)
@@ -31,10 +31,10 @@ def write_average(workdir: str, last: int, output_dir: str) -> list[int]:
                     'remove it or choose another --output_dir')
   if distributed.is_lead():
     cli.write_config(model.config, output_dir)
-    if not model.config.data.spm_model:
-      shutil.copy(os.path.join(workdir, 'spm.model'), os.path.join(output_dir, 'spm.model'))
-  out.save(model.steps[-1], {'params': model.params}, {}, {'averaged_steps': model.steps, 'workdir': workdir},
-           force=True)
+    files.write_bytes(epath.Path(output_dir) / tokenizer.MODEL_NAME, model.tokenizer.model_proto)
+  meta = {**checkpoint_lib.run_meta(model.config, model.tokenizer), 'averaged_steps': model.steps,
+          'workdir': workdir}  # the checkpoint carries its vocabulary, as training's do
+  out.save(model.steps[-1], {'params': model.params}, {}, meta, force=True)
   out.wait()
   out.close()
   return model.steps
@@ -44,7 +44,7 @@ def main(argv):
   del argv
   workdir = cli.require_workdir()
   distributed.initialize()
-  output_dir = OUTPUT_DIR.value or os.path.join(workdir, 'averaged')
+  output_dir = OUTPUT_DIR.value or str(epath.Path(workdir) / 'averaged')
   steps = write_average(workdir, LAST.value, output_dir)
   if distributed.is_lead():
     print(f'averaged steps {", ".join(map(str, steps))} -> {output_dir}')

@@ -10,13 +10,18 @@ presets in one process a later preset reports at least the earlier ones' peak; r
 per process (as benchmarks/gpu_bench.sh does) for exact figures.
 """
 
+import collections
+import csv
 import dataclasses
+import glob
 import json
+import os
 import statistics
 import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -58,17 +63,43 @@ _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after com
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Rematerialisation of each layer.')
 _LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
                                           'Tokens projected onto the vocabulary at a time in the loss (0: all).')
+_PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rbg', 'unsafe_rbg'],
+                               'PRNG that draws the dropout masks.')
+_FUSED_ATTENTION = flags.DEFINE_bool('fused_attention', False,
+                                     'jax.nn.dot_product_attention, with attention dropout 0 (it has none).')
+_SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
+                                  'rather than unrolled layers.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
+                                 'ops.csv (device time per XLA op) and hlo.txt (the optimised program).')
 flags.register_validator('preset', lambda names: all(n in PRESETS for n in names),
                          message=f'every preset must be one of {", ".join(PRESETS)}')
 
 MAX_SEGMENTS = 4
+TRACE_STEPS = 3
+TOP_OPS = 25  # ops logged from a trace
 
 
-def model_config(preset: Preset, remat: str = 'none') -> TransformerConfig:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The optimisations a run times; the defaults are the plain train step."""
+  remat: str = 'none'
+  loss_chunk_tokens: int = 0
+  prng_impl: str = 'threefry2x32'
+  fused_attention: bool = False
+  scan_layers: bool = False
+
+  @property
+  def attention_dropout(self) -> float:
+    return 0.0 if self.fused_attention else 0.1
+
+
+def model_config(preset: Preset, options: Options = Options()) -> TransformerConfig:
   """The paper's Admin model (dropout 0.1 everywhere, shared embeddings) at the preset's shapes."""
   return TransformerConfig(vocab_size=preset.vocab_size, residual='admin', num_encoder_layers=preset.layers,
                            num_decoder_layers=preset.layers, d_model=preset.d_model, ffn_dim=preset.ffn_dim,
-                           num_heads=preset.num_heads, dtype=preset.dtype, remat=remat, max_len=preset.seq_len)
+                           num_heads=preset.num_heads, dtype=preset.dtype, remat=options.remat,
+                           fused_attention=options.fused_attention, attention_dropout=options.attention_dropout,
+                           scan_layers=options.scan_layers, max_len=preset.seq_len)
 
 
 def _packed_side(rng: np.random.Generator, segments: np.ndarray, length: int,
@@ -116,15 +147,52 @@ def _timed_steps(compiled, state, micro_batches, count: int, desc: str) -> tuple
   return state, seconds
 
 
-def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: str,
-              matmul_peak: float, loss_chunk_tokens: int = 0) -> dict:
+def _trace(compiled, state, micro_batches, directory: str) -> None:
+  """Traces TRACE_STEPS steps into `directory` and writes ops.csv and hlo.txt beside the trace."""
+  with jax.profiler.trace(directory):
+    _timed_steps(compiled, state, micro_batches, TRACE_STEPS, 'trace')
+  rows = device_op_times(directory)
+  with open(os.path.join(directory, 'ops.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['line', 'op', 'count', 'total_us', 'percent_of_line'])
+    writer.writerows(rows)
+  with open(os.path.join(directory, 'hlo.txt'), 'w') as f:
+    f.write(compiled.as_text())
+  for line, op, count, total_us, percent in rows[:TOP_OPS]:
+    logging.info('%-22s %-50s %6d %12.0f us %5.1f%%', line, op, count, total_us, percent)
+
+
+def device_op_times(directory: str) -> list[tuple[str, str, int, float, float]]:
+  """(timeline, op, count, total microseconds, percent of its timeline) for the device timelines of
+  the newest trace in `directory`, the slowest first. On GPUs the "XLA Ops" timeline names each
+  op as the optimised HLO does, so hlo.txt says what each fusion computes."""
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
+  newest = max(glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
+  totals = collections.defaultdict(lambda: [0, 0.0])
+  line_totals = collections.Counter()
+  for plane in ProfileData.from_file(newest).planes:
+    if not plane.name.startswith('/device:'):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        entry = totals[line.name, event.name]
+        entry[0] += 1
+        entry[1] += event.duration_ns / 1e3
+        line_totals[line.name] += event.duration_ns / 1e3
+  rows = [(line, op, count, total, 100 * total / line_totals[line]) for (line, op), (count, total) in totals.items()]
+  return sorted(rows, key=lambda row: -row[3])
+
+
+def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_steps: int, matmul_peak: float,
+              trace_dir: str = '') -> dict:
   """Compiles and times the train step of one preset; returns the JSON record."""
-  cfg = model_config(preset, remat)
+  cfg = model_config(preset, options)
   config = default.get_config()
-  config.train.loss_chunk_tokens = loss_chunk_tokens
+  config.train.loss_chunk_tokens = options.loss_chunk_tokens
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.train)
-  setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, config.train.seed)
+  setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, config.train.seed, options.prng_impl)
   local = {k: v[None] for k, v in random_packed_batch(preset).items()}  # one micro-batch
   micro_batches = sharding.global_batch(local, mesh, micro_batched=True)
   step_fn = train_step_lib.jit_train_step(setup, config.train, jax.tree.map(lambda a: a.sharding, micro_batches))
@@ -135,18 +203,22 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
     compile_seconds = time.perf_counter() - start
     state, _ = _timed_steps(compiled, state, micro_batches, warmup_steps, f'{name} warm-up')
     state, seconds = _timed_steps(compiled, state, micro_batches, steps, name)
+    if trace_dir:
+      _trace(compiled, state, micro_batches, trace_dir)
 
   step_s = statistics.median(seconds)
   n_devices = jax.device_count()
   tflops = flops.training_flops(cfg, preset.batch, preset.seq_len, preset.seq_len) / step_s / 1e12 / n_devices
   datasheet = flops.datasheet_peak()
   memory, memory_source = _memory(compiled)
+  plan = compiled.memory_analysis()
   return {
       'preset': name,
       'device': jax.devices()[0].device_kind,
       'n_devices': n_devices,
       'tokens_per_sec': preset.batch * preset.seq_len / step_s,  # no padding: every target token counts
       'step_ms': step_s * 1e3,
+      'step_ms_min': min(seconds) * 1e3,
       'model_tflops_per_sec': tflops,
       'mfu': tflops / matmul_peak,
       'matmul_peak_tflops': matmul_peak,
@@ -154,6 +226,7 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
       'compile_seconds': compile_seconds,
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
+      'compiled_temp_bytes': int(plan.temp_size_in_bytes),  # the step's own working memory, per compile
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'layers': preset.layers,
       'd_model': preset.d_model,
@@ -163,8 +236,12 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
       'seq_len': preset.seq_len,
       'batch': preset.batch,
       'dtype': preset.dtype,
-      'remat': remat,
-      'loss_chunk_tokens': loss_chunk_tokens or None,  # None: the whole batch's logits at once
+      'remat': options.remat,
+      'loss_chunk_tokens': options.loss_chunk_tokens or None,  # None: the whole batch's logits at once
+      'prng_impl': options.prng_impl,
+      'fused_attention': options.fused_attention,
+      'scan_layers': options.scan_layers,
+      'attention_dropout': options.attention_dropout,
       'steps': steps,
       'warmup_steps': warmup_steps,
       'jax': jax.__version__,
@@ -173,10 +250,13 @@ def benchmark(name: str, preset: Preset, steps: int, warmup_steps: int, remat: s
 
 def main(argv):
   del argv
+  options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
+                    fused_attention=_FUSED_ATTENTION.value, scan_layers=_SCAN_LAYERS.value)
   matmul_peak = flops.measured_matmul_tflops()
-  for name in tqdm(_PRESET.value, desc='presets', unit='preset', disable=len(_PRESET.value) == 1):
-    record = benchmark(name, PRESETS[name], _STEPS.value, _WARMUP_STEPS.value, _REMAT.value, matmul_peak,
-                       _LOSS_CHUNK_TOKENS.value)
+  names = _PRESET.value
+  for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
+    trace_dir = _TRACE_DIR.value if name == names[-1] else ''
+    record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
     print(json.dumps(record), flush=True)
 
 

@@ -20,12 +20,14 @@ import sys
 import textwrap
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from admin_jax import files
 from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
 
@@ -47,7 +49,7 @@ class Checkpoints:
         save_decision_policy=checkpoint_managers.AnySavePolicy(interval), preservation_policy=preservation,
         best_fn=_bleu, best_mode='max',  # without a best_fn, orbax writes no metrics and BestN forgets on restart
         enable_async_checkpointing=True, cleanup_tmp_directories=False)
-    self.directory = os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, 'checkpoints')
+    self.directory = os.path.join(workdir if files.is_remote(workdir) else os.path.abspath(workdir), 'checkpoints')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
@@ -123,12 +125,12 @@ class Checkpoints:
   def _set_aside(self, step: int, reason: str) -> None:
     """Renames a damaged step folder to STEP.damaged (STEP.damaged.N if taken), reporting it once."""
     if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      target, copies = source + DAMAGED_SUFFIX, 0
-      while os.path.exists(target):
+      source = epath.Path(self.directory) / str(step)
+      target, copies = source.with_name(source.name + DAMAGED_SUFFIX), 0
+      while target.exists():
         copies += 1
-        target = f'{source}{DAMAGED_SUFFIX}.{copies}'
-      os.rename(source, target)
+        target = source.with_name(f'{source.name}{DAMAGED_SUFFIX}.{copies}')
+      source.rename(target)
       print(f'warning: checkpoint {source} is damaged ({reason}); moved to {target}, trying the previous one',
             file=sys.stderr)
     if jax.process_count() > 1:
@@ -165,6 +167,11 @@ def run_meta(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict:
   """
   return {'config': config.to_dict(), 'vocab_size': tokenizer.vocab_size,
           'spm_model': base64.b64encode(tokenizer.model_proto).decode('ascii')}
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer | None:
+  """The SentencePiece model a `meta` item carries; None for one written before metas held it."""
+  return Tokenizer(base64.b64decode(meta['spm_model'])) if 'spm_model' in meta else None
 
 
 def check_same_tokenizer(meta: dict, tokenizer: Tokenizer, step: int) -> None:

@@ -6,7 +6,6 @@ while flags are parsed, before any work, with one line naming the key.
 """
 
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -14,10 +13,14 @@ from collections.abc import Callable
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from admin_jax import files
 from admin_jax.errors import UserError
+
+CONFIG_JSON = 'config.json'
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Python config file, optionally with `:arg` for its get_config.', lock_config=True)
@@ -30,6 +33,7 @@ CHOICES = {
     'data.source': ('synthetic', 'text', 'tfds'),
     'data.spm_model_type': ('bpe', 'unigram'),
     'train.optimizer': ('radam', 'adam', 'adamw'),
+    'train.prng_impl': ('threefry2x32', 'rbg', 'unsafe_rbg'),
 }
 
 
@@ -106,12 +110,7 @@ def require_workdir() -> str:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes DIR/config.json, the exact config a run used, for people and for resume checks."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_text(epath.Path(workdir) / CONFIG_JSON, json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
 def quiet_logging() -> None:

@@ -5,7 +5,7 @@ Translates the whole split of the run's corpus and prints sacreBLEU with its sig
 chrF, plus tokenized BLEU for a pre-tokenized corpus (data.pretokenized: BPE removed, as
 fairseq scores it, for comparison with the paper's tables). Hypotheses and scores go to
 DIR/eval/<split>.hyp and DIR/eval/<split>.scores, replacing those of an earlier evaluation.
-The checkpoint and decoding flags are translate.py's.
+Shares translate.py's checkpoint and decoding flags (inference_flags.py), not --input/--output.
 """
 
 from absl import flags
@@ -13,9 +13,10 @@ from absl import flags
 from admin_jax import cli
 from admin_jax import distributed
 from admin_jax import evaluation
-from admin_jax import translate
+from admin_jax import inference_flags
 
 SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'], 'Which split of the run\'s corpus to score.')
+flags.adopt_module_key_flags(inference_flags)  # --help lists the shared flags too
 
 _LABELS = {'bleu': 'BLEU', 'chrf': 'chrF2', 'tokenized_bleu': 'tokenized BLEU'}
 
@@ -24,9 +25,9 @@ def main(argv):
   del argv
   workdir = cli.require_workdir()
   distributed.initialize()
-  config = translate.config_from_flags(workdir)
+  config = inference_flags.config_from_flags(workdir)
   config.eval.max_sentences = 0  # the whole valid split, not training's quick subset
-  model = translate.load_from_flags(workdir, config)
+  model = inference_flags.load_from_flags(workdir, config)
   evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   split = SPLIT.value
   scores = evaluator.test(model.params, workdir, split)

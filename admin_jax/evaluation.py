@@ -5,8 +5,7 @@ processes run the same number of steps with the same shapes and never wait on on
 (the hang MaxText and T5X hit with uneven shards); results come back to every process.
 """
 
-import os
-
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from admin_jax import bleu
 from admin_jax import decode
 from admin_jax import distributed
+from admin_jax import files
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import corpora
@@ -35,6 +35,13 @@ def _gather(array: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(array))
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def write_outputs(workdir: str, split: str, hypotheses: list[str], scores: dict) -> None:
+  """DIR/eval/<split>.hyp (one translation per line) and DIR/eval/<split>.scores (`key: value` lines)."""
+  folder = epath.Path(workdir) / 'eval'
+  files.write_text(folder / f'{split}.hyp', '\n'.join(hypotheses) + '\n')
+  files.write_text(folder / f'{split}.scores', ''.join(f'{k}: {v}\n' for k, v in scores.items()))
 
 
 class Evaluator:
@@ -110,9 +117,5 @@ class Evaluator:
     hypotheses = self.translate(params, [s for s, _ in pairs], progress=True)
     scores = self.score(hypotheses, [t for _, t in pairs])
     if distributed.is_lead():
-      os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-      with open(os.path.join(workdir, 'eval', f'{split}.hyp'), 'w') as f:
-        f.write('\n'.join(hypotheses) + '\n')
-      with open(os.path.join(workdir, 'eval', f'{split}.scores'), 'w') as f:
-        f.write(''.join(f'{k}: {v}\n' for k, v in scores.items()))
+      write_outputs(workdir, split, hypotheses, scores)
     return {f'{split}_{k}': v for k, v in scores.items()}

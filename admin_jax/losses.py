@@ -17,12 +17,19 @@ def label_smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, weights:
                                  smoothing: float) -> TokenLosses:
   """fairseq's label_smoothed_cross_entropy: (1 - eps) * nll + eps / V * sum_v(-log p_v).
 
-  `logits` [batch, length, vocab] float32, `weights` 1 at real target tokens, 0 at padding.
+  `logits` [batch, length, vocab] (bfloat16 under bf16 compute, as fairseq's fp16 output layer),
+  computed in float32; `weights` 1 at real target tokens, 0 at padding. Written with the
+  log-partition function, -log p_v = lse - logit_v, so that the forward pass is one fused read of
+  the logits (max, sum of exp, sum, target logit) and the backward pass one elementwise write;
+  log-probabilities for the whole batch are never materialised.
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  smooth = -log_probs.sum(-1)
-  loss = (1.0 - smoothing) * nll + smoothing / logits.shape[-1] * smooth
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  target_logit = jnp.where(is_target, logits, 0.0).sum(-1)
+  nll = lse - target_logit
+  loss = lse - (1.0 - smoothing) * target_logit - smoothing / vocab * logits.sum(-1)
   weights = weights.astype(jnp.float32)
   return TokenLosses((loss * weights).sum(), (nll * weights).sum(), weights.sum())
 
@@ -31,7 +38,7 @@ def chunked_label_smoothed_cross_entropy(states: jax.Array, table: jax.Array, ta
                                          weights: jax.Array, smoothing: float, chunk_tokens: int) -> TokenLosses:
   """The same sums from decoder states, projecting `chunk_tokens` tokens onto the vocabulary at a time.
 
-  Each chunk's float32 logits are rematerialised in the backward pass, so at most one chunk of
+  Each chunk's logits are rematerialised in the backward pass, so at most one chunk of
   [chunk_tokens, vocab] logits is ever alive instead of the whole batch's.
   """
   d_model = states.shape[-1]
@@ -44,7 +51,7 @@ def chunked_label_smoothed_cross_entropy(states: jax.Array, table: jax.Array, ta
   @jax.checkpoint
   def chunk_sums(chunk):
     hidden, chunk_targets, chunk_weights = chunk
-    logits = jnp.einsum('td,vd->tv', hidden, table, preferred_element_type=jnp.float32)
+    logits = jnp.einsum('td,vd->tv', hidden, table)
     return jnp.stack(label_smoothed_cross_entropy(logits, chunk_targets, chunk_weights, smoothing))
 
   return TokenLosses(*jax.lax.map(chunk_sums, tuple(chunks)).sum(0))

@@ -1,29 +1,44 @@
-"""Where training metrics go: DIR/metrics.jsonl, TensorBoard events and a loss-curve PNG."""
+"""Where training metrics go: DIR/metrics.jsonl, TensorBoard events and a loss-curve PNG.
 
+DIR may be a bucket (gs://...): every file goes through `admin_jax.files` and etils.epath,
+TensorBoard events included (see `_EpathEventFile`).
+"""
+
+import io
 import json
 import math
-import os
 
+from etils import epath
 import numpy as np
+
+from admin_jax import files
+from admin_jax.analysis import plots
+
+METRICS_JSONL = 'metrics.jsonl'
 
 
 class MetricsWriter:
-  """Writes from process 0 only; the other processes get a writer that does nothing."""
+  """Writes from process 0 only; the other processes get a writer that does nothing.
+
+  Object stores cannot append, so the writer keeps the file's text, a resumed run's earlier
+  records first, and rewrites the whole (small) file at each write.
+  """
 
   def __init__(self, workdir: str, enabled: bool):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / METRICS_JSONL
+    self._text = ''
     self._tensorboard = None
     if enabled:
-      from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._text = self.path.read_text() if self.path.exists() else ''
+      self._tensorboard = _summary_writer(epath.Path(workdir) / 'tensorboard')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self._text += json.dumps(record) + '\n'
+    files.write_text(self.path, self._text)
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
         self._tensorboard.add_scalar(key, value, step)
@@ -39,40 +54,59 @@ def _plain(value):
   return np.asarray(value).item() if hasattr(value, 'shape') or isinstance(value, np.generic) else value
 
 
+def _summary_writer(logdir: epath.Path):
+  """A tensorboardX SummaryWriter; for a bucket, one that writes through etils.epath.
+
+  tensorboardX's own gs:// writer needs google-cloud-storage and fails without it; epath
+  reaches every store that the workdir's other files and orbax's checkpoints reach.
+  """
+  from tensorboardX import SummaryWriter
+  from tensorboardX import record_writer
+
+  if files.is_remote(logdir):
+    record_writer.register_writer_factory(str(logdir).partition(':')[0], _EpathEventFiles())
+  return SummaryWriter(str(logdir))
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer-factory interface (`open`, `directory_check`) over etils.epath."""
+
+  def open(self, path: str) -> '_EpathEventFile':
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores need no folders
+
+
+class _EpathEventFile:
+  """An event file kept in memory and uploaded whole at each flush, as tensorboardX does for gs://."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    files.write_bytes(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_JSONL
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_training_curves(workdir: str) -> str | None:
   """DIR/curves.png: training loss, and validation loss and BLEU where evaluated."""
   records = read_metrics(workdir)
-  train = [r for r in records if 'loss' in r]
-  if not train:
+  if not any('loss' in r for r in records):
     return None
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  valid = [r for r in records if 'valid_loss' in r]
-  bleu = [r for r in records if 'valid_bleu' in r]
-  fig, axes = plt.subplots(1, 2 if bleu else 1, figsize=(10 if bleu else 5, 3.5), squeeze=False)
-  ax = axes[0, 0]
-  ax.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
-  if valid:
-    ax.plot([r['step'] for r in valid], [r['valid_loss'] for r in valid], 'o-', label='valid loss')
-  ax.set_xlabel('step')
-  ax.set_ylabel('label-smoothed loss (nats/token)')
-  ax.legend()
-  if bleu:
-    axes[0, 1].plot([r['step'] for r in bleu], [r['valid_bleu'] for r in bleu], 'o-')
-    axes[0, 1].set_xlabel('step')
-    axes[0, 1].set_ylabel('valid BLEU')
-  fig.tight_layout()
-  path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  path = str(epath.Path(workdir) / 'curves.png')
+  plots.plot_training_curves(records, path)
   return path

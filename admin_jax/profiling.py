@@ -8,13 +8,14 @@ Only omega changes: every other parameter keeps its initial value.
 """
 
 import json
-import os
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 from flax import nnx
 import numpy as np
 
+from admin_jax import files
 from admin_jax.analysis import plots
 from admin_jax.errors import UserError
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
@@ -37,7 +38,7 @@ def profile_omegas(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
   """Runs the pass on `batch` (one micro-batch, sharded like training) with step 0's dropout key."""
 
   def run(state, batch):
-    rng = micro_batch_rng(step_rng(state), 0)
+    rng = micro_batch_rng(step_rng(setup, state), 0)
     return model_from(setup, state.params).profile_omegas(batch, rng=rng, mask_padding=mask_padding)
 
   with jax.set_mesh(setup.mesh):
@@ -75,14 +76,13 @@ def expected_counts(num_encoder_layers: int, num_decoder_layers: int) -> tuple[i
 
 def write_profile(workdir: str, omegas: Omegas, stats: dict) -> None:
   """DIR/omega.json, DIR/profile.ratio.init (the reference's `index value` format) and DIR/omega.png."""
-  os.makedirs(workdir, exist_ok=True)
   record = {'encoder': [float(v) for v in omegas['encoder']],
             'decoder': [float(v) for v in omegas['decoder']],
             'batch': stats}
-  _atomic_write(os.path.join(workdir, OMEGA_JSON), json.dumps(record, indent=2))
+  files.write_text(epath.Path(workdir) / OMEGA_JSON, json.dumps(record, indent=2))
   lines = [f'{i} {v!r}' for stack in ('encoder', 'decoder') for i, v in enumerate(record[stack], start=1)]
-  _atomic_write(os.path.join(workdir, REFERENCE_PROFILE), '\n'.join(lines) + '\n')
-  plots.plot_omegas(omegas, os.path.join(workdir, OMEGA_PNG))
+  files.write_text(epath.Path(workdir) / REFERENCE_PROFILE, '\n'.join(lines) + '\n')
+  plots.plot_omegas(omegas, epath.Path(workdir) / OMEGA_PNG)
 
 
 def read_profile(path: str, num_encoder_layers: int, num_decoder_layers: int) -> Omegas:
@@ -93,10 +93,9 @@ def read_profile(path: str, num_encoder_layers: int, num_decoder_layers: int) ->
   """
   n_enc, n_dec = expected_counts(num_encoder_layers, num_decoder_layers)
   try:
-    with open(path) as f:
-      text = f.read()
+    text = epath.Path(path).read_text()
   except OSError as error:
-    raise UserError(f'cannot read profile {path}: {error.strerror}') from None
+    raise UserError(f'cannot read profile {path}: {error.strerror or error}') from None
   try:
     if path.endswith('.json'):
       record = json.loads(text)
@@ -137,12 +136,5 @@ def find_existing_profile(workdir: str, configured_path: str) -> str | None:
   """The profile a run must reuse: the configured one, else one already in the workdir."""
   if configured_path:
     return configured_path
-  path = os.path.join(workdir, OMEGA_JSON)
-  return path if os.path.exists(path) else None
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  path = epath.Path(workdir) / OMEGA_JSON
+  return str(path) if path.exists() else None

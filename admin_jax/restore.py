@@ -1,7 +1,8 @@
 """Loading a trained model from a workdir, for translate, evaluate and average.
 
-A training workdir holds all that inference needs: config.json (the run's resolved config),
-spm.model and checkpoints/. A checkpoint is named as `latest`, `best` (by validation BLEU), a
+A training workdir holds all that inference needs: config.json (the run's resolved config) and
+checkpoints/, each of which carries the SentencePiece model it was trained with (older ones
+without it use DIR/spm.model). A checkpoint is named as `latest`, `best` (by validation BLEU), a
 step number, or `avg:N`: the mean parameters of the last N checkpoints, which is how the
 paper evaluates (N=10). Only the parameters are read (an orbax partial restore), never the
 optimizer moments, and averaging reads one checkpoint at a time into a float32 sum, so memory
@@ -13,6 +14,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,11 +43,10 @@ class Inference(NamedTuple):
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run in `workdir` trained with (DIR/config.json), validated."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / cli.CONFIG_JSON
+  if not path.is_file():
     raise UserError(f'{path} not found: --workdir must be a training workdir')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   cli.validate(config)
   return config
 
@@ -127,6 +128,17 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer
   return Tokenizer.load(config.data.spm_model or os.path.join(workdir, 'spm.model'))
 
 
+def checkpoint_tokenizer(checkpoints: checkpoint_lib.Checkpoints, step: int,
+                         config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """The SentencePiece model checkpoint `step` was trained with, read from its meta.
+
+  So a checkpoint translates with its own vocabulary even where DIR/spm.model was since deleted or
+  replaced. A checkpoint whose meta lacks it (older ones, average.py's) falls back to `load_tokenizer`.
+  """
+  tokenizer = checkpoint_lib.tokenizer_from_meta(checkpoints.restore_meta(step))
+  return load_tokenizer(config, workdir) if tokenizer is None else tokenizer
+
+
 def load_for_inference(workdir: str, checkpoint: str = 'latest',
                        config: ml_collections.ConfigDict | None = None) -> Inference:
   """The model of `workdir` at `checkpoint` (see CHECKPOINT_FORMS), on a mesh over all devices.
@@ -137,7 +149,8 @@ def load_for_inference(workdir: str, checkpoint: str = 'latest',
   config = saved_config(workdir) if config is None else config
   checkpoints = open_checkpoints(workdir, config)
   steps = resolve_steps(checkpoints, checkpoint)
-  tokenizer = load_tokenizer(config, workdir)
+  # avg:N takes the newest step's: a run's checkpoints share one (train refuses to resume with another).
+  tokenizer = checkpoint_tokenizer(checkpoints, steps[-1], config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   setup, abstract_params = model_setup(config, tokenizer.vocab_size, mesh)
   params = average_params(checkpoints, steps, abstract_params)  # of one step: that step's, exactly

@@ -5,11 +5,11 @@ the step ahead of time, then loop: step, log, evaluate, checkpoint, stop when to
 """
 
 import json
-import os
 import signal
 import time
 from typing import NamedTuple
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -44,19 +44,22 @@ class StopSignal:
     self.received = signal.Signals(signum).name
 
 
+# Model keys that change how the parameters are computed, not what they are: a resume may change them.
+_COMPUTE_ONLY_MODEL_KEYS = frozenset({'dropout', 'attention_dropout', 'activation_dropout', 'remat', 'dtype',
+                                      'scan_layers', 'fused_attention'})
+# Other keys a resume must keep: the vocabulary, the languages and the PRNG of the saved dropout key.
+_FIXED_KEYS = (('data', 'vocab_size'), ('data', 'src_lang'), ('data', 'tgt_lang'), ('train', 'prng_impl'))
+
+
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir whose saved config describes a different model, naming the keys."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / cli.CONFIG_JSON
+  if not path.exists():
     return
-  with open(path) as f:
-    saved = json.load(f)
-  differing = [f'model.{k} ({saved["model"].get(k)!r} -> {v!r})' for k, v in config.model.to_dict().items()
-               if k not in ('dropout', 'attention_dropout', 'activation_dropout', 'remat', 'dtype')
-               and saved.get('model', {}).get(k) != v]
-  for key in ('vocab_size', 'src_lang', 'tgt_lang'):
-    if saved.get('data', {}).get(key) != config.data[key]:
-      differing.append(f'data.{key} ({saved["data"].get(key)!r} -> {config.data[key]!r})')
+  saved = json.loads(path.read_text())
+  keys = [('model', k) for k in config.model if k not in _COMPUTE_ONLY_MODEL_KEYS] + list(_FIXED_KEYS)
+  differing = [f'{section}.{key} ({saved.get(section, {}).get(key)!r} -> {config[section][key]!r})'
+               for section, key in keys if saved.get(section, {}).get(key) != config[section][key]]
   if differing:
     raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
                     'use a new --workdir')
@@ -94,7 +97,7 @@ def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_ste
       profiling.write_profile(workdir, omegas, profiling.batch_statistics(first))
     print(f'profiled omega in {time.perf_counter() - start:.1f}s: encoder '
           f'{omegas["encoder"][0]:.3f}..{omegas["encoder"][-1]:.3f}, decoder '
-          f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {os.path.join(workdir, "omega.json")}')
+          f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {epath.Path(workdir) / profiling.OMEGA_JSON}')
   return profiling.with_omegas(setup, state, omegas)
 
 
@@ -132,7 +135,8 @@ def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.train)
-  setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed)
+  setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed,
+                                                   config.train.prng_impl)
   train_iter = pipeline.train_iterator(config, tokenizer, seed=config.train.seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
   return Run(tokenizer, mesh, setup, state, train_iter)

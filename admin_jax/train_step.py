@@ -39,40 +39,50 @@ class Setup:
   schedule: optax.Schedule
   state_shardings: Any
   mesh: jax.sharding.Mesh
+  prng_impl: str = 'threefry2x32'
 
 
 def model_from(setup: Setup, params: nnx.State) -> Transformer:
   return nnx.merge(setup.graphdef, params)
 
 
-def _new_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _new_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, seed: int,
+               prng_impl: str) -> TrainState:
   _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
   zero = jnp.zeros([], jnp.int32)
-  return TrainState(zero, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), zero, zero)
+  rng = jax.random.key_data(jax.random.key(seed, impl=prng_impl))
+  return TrainState(zero, params, tx.init(params), rng, zero, zero)
 
 
 def abstract_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                         mesh: jax.sharding.Mesh, seed: int) -> tuple[Setup, TrainState]:
-  """The Setup and the state's shapes, allocating and compiling nothing: all a restore needs."""
+                         mesh: jax.sharding.Mesh, seed: int,
+                         prng_impl: str = 'threefry2x32') -> tuple[Setup, TrainState]:
+  """The Setup and the state's shapes, allocating and compiling nothing: all a restore needs.
+
+  `prng_impl` draws the dropout masks: threefry2x32 gives the same masks on every mesh; rbg and
+  unsafe_rbg (XLA's RngBitGenerator) cost a fraction of it on GPUs, with masks that may depend on
+  the sharding. Parameters are initialised by threefry whatever it is.
+  """
   abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
   graphdef, _ = nnx.split(abstract_model)
-  abstract_state = jax.eval_shape(lambda: _new_state(model_cfg, tx, seed))
+  abstract_state = jax.eval_shape(lambda: _new_state(model_cfg, tx, seed, prng_impl))
   shardings = sharding.tree_shardings(abstract_state, mesh)
-  return Setup(model_cfg, graphdef, tx, schedule, shardings, mesh), abstract_state
+  return Setup(model_cfg, graphdef, tx, schedule, shardings, mesh, prng_impl), abstract_state
 
 
 def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, mesh: jax.sharding.Mesh, seed: int) -> tuple[Setup, TrainState]:
+                       schedule: optax.Schedule, mesh: jax.sharding.Mesh, seed: int,
+                       prng_impl: str = 'threefry2x32') -> tuple[Setup, TrainState]:
   """Initialises parameters and optimizer state directly in their shards (never whole on one host)."""
-  setup, _ = abstract_train_state(model_cfg, tx, schedule, mesh, seed)
+  setup, _ = abstract_train_state(model_cfg, tx, schedule, mesh, seed, prng_impl)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: _new_state(model_cfg, tx, seed), out_shardings=setup.state_shardings)()
+    state = jax.jit(lambda: _new_state(model_cfg, tx, seed, prng_impl), out_shardings=setup.state_shardings)()
   return setup, state
 
 
-def step_rng(state: TrainState) -> jax.Array:
+def step_rng(setup: Setup, state: TrainState) -> jax.Array:
   """The dropout key of the state's current step; the profiling pass replays the first one."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=setup.prng_impl), state.step)
 
 
 def micro_batch_rng(rng: jax.Array, index: int | jax.Array) -> jax.Array:
@@ -103,7 +113,7 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
   grad_fn = jax.value_and_grad(_summed_loss, argnums=1, has_aux=True)
 
   def train_step(state: TrainState, micro_batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    rng = step_rng(state)
+    rng = step_rng(setup, state)
 
     def accumulate(carry, xs):
       grads, totals = carry

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# The Admin training benchmark on one GPU, all in one device call, from the repository root:
+# The Admin training benchmark on one GPU, all in one device call, from the repository root.
+# Each argument is one run: a preset and `admin_jax.bench` flags; no argument runs the three presets.
 #
-#   bash benchmarks/gpu_bench.sh                       # base6, big6, big18
-#   PRESETS="big6 big18" STEPS=30 bash benchmarks/gpu_bench.sh
-#   XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true bash benchmarks/gpu_bench.sh
+#   bash benchmarks/gpu_bench.sh                                   # base6, big6, big18
+#   bash benchmarks/gpu_bench.sh base6 'base6 --prng_impl=rbg' 'base6 --trace_dir=/tmp/trace'
+#   STEPS=30 XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true bash benchmarks/gpu_bench.sh big18
 #
-# With the device tool: run(command='bash benchmarks/gpu_bench.sh', carry=['.whl'], timeout_s=540).
+# With the device tool: run(command='bash benchmarks/gpu_bench.sh ...', carry=['.whl'], timeout_s=...).
 # The CUDA image has jax, flax, optax, absl and tqdm but not ml_collections: carry it as a wheel in
-# .whl/ (docs/PERF.md says how). Each preset runs in its own process under PRESET_TIMEOUT seconds,
-# so a big18 that runs out of memory or time costs only its own line, and peak_memory_bytes (the
-# allocator's peak of the process) is that preset's own. JSON lines go to stdout and, when the
-# device tool sets OUT, to $OUT/bench.jsonl; each preset's stderr goes to $OUT/PRESET.log.
+# .whl/ (docs/PERF.md says how). Each run is its own process under RUN_TIMEOUT seconds, so a run
+# that fails, runs out of memory or of time costs only its own line, and peak_memory_bytes (the
+# allocator's peak of the process) is that run's own. JSON lines go to stdout and, when the device
+# tool sets OUT, to $OUT/bench.jsonl; every run's stderr goes to $OUT/runs.log. A run with
+# --trace_dir=DIR also leaves DIR/ops.csv as $OUT/RUN.ops.csv and DIR/hlo.txt as $OUT/RUN.hlo.txt.xz
+# (RUN is the run's number), since the tool brings back at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-PRESETS=${PRESETS:-base6 big6 big18}
+if [ $# -eq 0 ]; then
+  set -- base6 big6 big18
+fi
 STEPS=${STEPS:-20}
-PRESET_TIMEOUT=${PRESET_TIMEOUT:-150}
+RUN_TIMEOUT=${RUN_TIMEOUT:-150}
 LOGS=${OUT:-/tmp/admin_bench}
 mkdir -p "$LOGS"
 
@@ -32,14 +37,28 @@ python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.
   "optax", optax.__version__, jax.devices(), "XLA_FLAGS=" + __import__("os").environ.get("XLA_FLAGS", ""))' \
   || exit 1
 
-for preset in $PRESETS; do
-  timeout "$PRESET_TIMEOUT" python3 -m admin_jax.bench --preset="$preset" --steps="$STEPS" \
-    2>"$LOGS/$preset.log" | tee -a "$LOGS/bench.jsonl"
+number=0
+for spec in "$@"; do
+  number=$((number + 1))
+  read -r -a words <<<"$spec"
+  preset=${words[0]}
+  echo "=== run $number: $spec" >>"$LOGS/runs.log"
+  start=$SECONDS
+  timeout "$RUN_TIMEOUT" python3 -m admin_jax.bench --preset="$preset" --steps="$STEPS" "${words[@]:1}" \
+    2>>"$LOGS/runs.log" | tee -a "$LOGS/bench.jsonl"
   status=${PIPESTATUS[0]}
   if [ "$status" -ne 0 ]; then
     error="exit status $status"
-    [ "$status" -eq 124 ] && error="timed out after ${PRESET_TIMEOUT}s"
-    echo "{\"preset\": \"$preset\", \"error\": \"$error\"}" | tee -a "$LOGS/bench.jsonl"
-    tail -n 5 "$LOGS/$preset.log"
+    [ "$status" -eq 124 ] && error="timed out after ${RUN_TIMEOUT}s"
+    echo "{\"run\": \"$spec\", \"error\": \"$error\"}" | tee -a "$LOGS/bench.jsonl"
+    tail -n 5 "$LOGS/runs.log"
   fi
+  echo "=== run $number took $((SECONDS - start)) s" >>"$LOGS/runs.log"
+  for word in "${words[@]:1}"; do
+    if [[ $word == --trace_dir=* ]]; then
+      trace_dir=${word#--trace_dir=}
+      cp "$trace_dir/ops.csv" "$LOGS/$number.ops.csv" 2>/dev/null
+      xz -c "$trace_dir/hlo.txt" >"$LOGS/$number.hlo.txt.xz" 2>/dev/null
+    fi
+  done
 done

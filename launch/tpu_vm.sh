@@ -18,7 +18,7 @@ Commands:
   create     create the TPU VM / pod slice
   install    copy --src (or git clone --repo-url) to ~/admin-jax on every
              worker, make the virtual environment ~/admin-jax/.venv with
-             --remote-python, then pip install 'jax[tpu]==VERSION' and -e .
+             --remote-python, then pip install 'jax[tpu]==VERSION' and -e '.[gcs]'
   train      start training on all workers in the background (nohup, log in
              ~/admin-jax-train.log on each worker), then stream worker 0's log
   logs       stream worker 0's log until its training process exits
@@ -235,7 +235,7 @@ do_install() {
   #    then the project itself.
   local pip_jax
   pip_jax=$(quote_cmd "$VENV_PYTHON" -m pip install "jax[tpu]==$JAX_VERSION" -f "$LIBTPU_FIND_LINKS")
-  ssh_workers all "$fetch && $get_python && cd $REMOTE_DIR && $py -m venv .venv && $pip_jax && $VENV_PYTHON -m pip install -e ."
+  ssh_workers all "$fetch && $get_python && cd $REMOTE_DIR && $py -m venv .venv && $pip_jax && $VENV_PYTHON -m pip install -e '.[gcs]'"
 }
 
 do_train() {

@@ -1,6 +1,7 @@
 """translate, evaluate and checkpoint averaging, on one tiny run trained once for the module."""
 
 import gzip
+import io
 import pathlib
 import re
 import shutil
@@ -10,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 import sacrebleu
+import sentencepiece as spm
 
+from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import evaluation
 from admin_jax import restore
 from admin_jax import sharding
@@ -78,6 +81,12 @@ def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
   for saved, expected in zip(_leaves(written.restore_params(6, abstract)),
                              _leaves(restore.average_params(checkpoints, [4, 6], abstract))):
     np.testing.assert_array_equal(saved, expected)
+  # The average carries the run's SentencePiece model in its meta, as training's checkpoints do.
+  run_model = (pathlib.Path(workdir) / 'spm.model').read_bytes()
+  assert (output_dir / 'spm.model').read_bytes() == run_model
+  (output_dir / 'spm.model').unlink()
+  assert restore.load_for_inference(str(output_dir)).tokenizer.model_proto == run_model
+  assert checkpoint_lib.tokenizer_from_meta({'config': {}}) is None  # older metas: restore falls back to the file
 
 
 def test_translations_come_back_in_input_order(workdir, tmp_path):
@@ -100,6 +109,42 @@ def test_translations_come_back_in_input_order(workdir, tmp_path):
   alone = {text: evaluator.translate(model.params, [text])[0] for text in by_length.values()}
   assert translations == [alone[line] for line in lines]
   assert len(set(alone.values())) == len(alone)  # the comparison can tell the lines apart
+
+
+def _other_spm_model(sentences: list[str]) -> bytes:
+  """A valid SentencePiece model unlike the run's: another vocabulary, from reversed text."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=(s[::-1] for s in sentences), model_writer=model,
+                                 vocab_size=60, hard_vocab_limit=False, minloglevel=2)
+  return model.getvalue()
+
+
+@pytest.mark.parametrize('spm_file, checkpoint', [('deleted', 'avg:2'), ('replaced', 'latest')])
+def test_translate_uses_the_checkpoints_own_tokenizer(workdir, tmp_path, spm_file, checkpoint):
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  sources = [source for source, _ in corpora.load_pairs(restore.saved_config(workdir), 'test')]
+  if spm_file == 'deleted':
+    (copy / 'spm.model').unlink()
+  else:
+    (copy / 'spm.model').write_bytes(_other_spm_model(sources))
+  source, output = tmp_path / 'source.txt', tmp_path / 'translations.txt'
+  source.write_text('\n'.join(sources) + '\n')
+  proc = _run('translate', f'--workdir={copy}', f'--checkpoint={checkpoint}', f'--input={source}',
+              f'--output={output}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  model = restore.load_for_inference(workdir, checkpoint)  # the untouched run, with its own spm.model
+  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  assert output.read_text().split('\n')[:-1] == evaluator.translate(model.params, sources)
+
+
+@pytest.mark.parametrize('flag', ['--input=source.txt', '--output=translations.txt'])
+def test_evaluate_refuses_translate_only_flags(workdir, flag):
+  proc = _run('evaluate', f'--workdir={workdir}', flag)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error:') and flag.split('=')[0][2:] in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize('case', ['no_checkpoints', 'unknown_checkpoint'])

@@ -121,7 +121,7 @@ def test_tpu_all_runs_every_step_on_all_workers(sandbox):
       ' && cd admin-jax && python3.11 -m venv .venv'
       " && .venv/bin/python -m pip install 'jax[tpu]==0.4.35'"
       ' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html'
-      ' && .venv/bin/python -m pip install -e .')
+      " && .venv/bin/python -m pip install -e '.[gcs]'")
 
   train = shlex.split(lines[5])
   assert train[5:8] == ['admin-v4', '--zone=europe-west4-a', '--worker=all']

@@ -10,6 +10,7 @@ import pytest
 
 from admin_jax.model import Transformer
 from admin_jax.model import TransformerConfig
+from admin_jax.model import layers
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.transformer import attention_mask
 from conftest import packed_batch
@@ -37,7 +38,7 @@ def test_shapes_and_dtypes(residual, dtype, np_rng):
   model = Transformer(tiny(residual, dtype=dtype, dropout=0.1), rngs=nnx.Rngs(0))
   batch = packed_batch(np_rng, 2, 10, VOCAB, [[4, 5], [10]])
   logits = forward(model, batch, jax.random.key(1))
-  assert logits.shape == (2, 10, VOCAB) and logits.dtype == jnp.float32
+  assert logits.shape == (2, 10, VOCAB) and logits.dtype == jnp.dtype(dtype)  # fairseq's fp16 logits are half too
   assert np.isfinite(np.asarray(logits)).all()
   params = nnx.state(model, nnx.Param)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
@@ -201,3 +202,18 @@ def test_scan_equals_python_loop(remat, np_rng):
   key = jax.random.key(2)
   np.testing.assert_allclose(np.asarray(forward(scanned, batch, key)), np.asarray(forward(looped, batch, key)),
                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('prng_impl', ['threefry2x32', 'rbg'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dropout_rate_and_expectation(prng_impl, dtype):
+  """Dropout drops `rate` of the values and keeps the mean: 2^20 draws, 5 standard errors."""
+  n, rate = 2 ** 20, 0.1
+  x = jnp.full((n,), 3.0, dtype)
+  y = np.asarray(jax.jit(lambda k: layers.dropout(x, rate, k))(jax.random.key(7, impl=prng_impl)), np.float64)
+  dropped = (y == 0).mean()
+  assert abs(dropped - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
+  assert abs(y.mean() / 3.0 - 1.0) < 5 * math.sqrt(rate / (1 - rate) / n) + (4e-3 if dtype == 'bfloat16' else 1e-6)
+  other = np.asarray(layers.dropout(x, rate, jax.random.key(8, impl=prng_impl)))
+  assert ((other == 0) != (y == 0)).mean() > 0.1  # another key, another mask
+  assert layers.dropout(x, rate, None) is x and layers.dropout(x, 0.0, jax.random.key(0)) is x

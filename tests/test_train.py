@@ -11,12 +11,16 @@ import numpy as np
 import optax
 import pytest
 
+from admin_jax import cli
 from admin_jax import flops
 from admin_jax import losses
 from admin_jax import optim
 from admin_jax import sharding
+from admin_jax import train as train_lib
 from admin_jax import train_step as train_step_lib
+from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
+from configs import demo
 from conftest import REPO
 from conftest import packed_batch
 from conftest import python
@@ -89,6 +93,42 @@ def test_chunked_loss_equals_the_whole_batch_loss(np_rng):
     np.testing.assert_allclose(chunked[key], plain[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(chunked_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_rbg_dropout_keys_train_like_threefry(dropout, np_rng):
+  """train.prng_impl changes the dropout masks and nothing else: with dropout off, the same step."""
+  cfg = TransformerConfig(vocab_size=40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
+                          ffn_dim=32, num_heads=2, dropout=dropout, attention_dropout=dropout,
+                          activation_dropout=dropout)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 10, 40, [[3, 7], [10]]).items()}
+  train = train_config(optimizer='adam')
+  tx, schedule = optim.make_optimizer(train)
+  losses_by_impl = {}
+  for impl in ('threefry2x32', 'rbg'):
+    setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0, prng_impl=impl)
+    assert state.rng.shape == jax.random.key_data(jax.random.key(0, impl=impl)).shape
+    step = jax.jit(train_step_lib.make_train_step(setup, train))
+    runs = [float(step(state, batch)[1]['loss']) for _ in range(2)]
+    assert runs[0] == runs[1] and math.isfinite(runs[0])  # deterministic per key
+    losses_by_impl[impl] = runs[0]
+  if dropout:
+    assert losses_by_impl['rbg'] != losses_by_impl['threefry2x32']
+  else:
+    assert losses_by_impl['rbg'] == losses_by_impl['threefry2x32']
+
+
+def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp_path):
+  config = demo.get_config()
+  cli.write_config(config, str(tmp_path))
+  config.model.scan_layers = not config.model.scan_layers
+  config.model.update(fused_attention=True, attention_dropout=0.0, dtype='bfloat16', remat='full')
+  train_lib.check_workdir_compatible(config, str(tmp_path))  # same parameters: accepted
+  config.model.ffn_dim *= 2
+  config.train.prng_impl = 'rbg'  # the saved dropout key would not fit
+  with pytest.raises(UserError, match=r"model.ffn_dim \(256 -> 512\), train.prng_impl \('threefry2x32' -> 'rbg'\)"):
+    train_lib.check_workdir_compatible(config, str(tmp_path))
 
 
 def numpy_clinic_radam(grads, params, lr, b1=0.9, b2=0.98, eps=1e-8, wd=0.0):

@@ -6,19 +6,21 @@ random batch.
 """
 
 import csv
-import os
+import io
 from collections.abc import Iterable, Sequence
 
 from absl import flags
+from etils import epath
 import numpy as np
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax.analysis import probe
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from admin_jax.model.residual import RESIDUALS
 
-OUT = flags.DEFINE_string('out', None, 'Directory for the CSV and PNG (created if missing).')
+OUT = flags.DEFINE_string('out', None, 'Directory for the CSV and PNG (created if missing); may be a bucket.')
 RESIDUAL_LIST = flags.DEFINE_list('residuals', ['post_ln', 'pre_ln', 'admin'],
                                   f'Residual variants to compare, from {", ".join(RESIDUALS)}.')
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the model initialisation and of the random batch.')
@@ -27,10 +29,9 @@ LENGTH = flags.DEFINE_integer('length', 32, 'Tokens per sentence of the random b
 
 
 def output_dir() -> str:
-  """--out, created if missing."""
+  """--out; the first file written creates it (admin_jax.files)."""
   if not OUT.value:
     raise UserError('--out is required')
-  os.makedirs(OUT.value, exist_ok=True)
   return OUT.value
 
 
@@ -57,8 +58,9 @@ def batch(cfg: TransformerConfig) -> dict[str, np.ndarray]:
   return probe.random_batch(cfg.vocab_size, BATCH_SIZE.value, LENGTH.value, SEED.value)
 
 
-def write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
+def write_csv(path: epath.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  files.write_text(path, text.getvalue())

@@ -8,8 +8,9 @@ omega.json is {"encoder": [...], "decoder": [...]}, one float per sublayer in fo
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
+
+from etils import epath
 
 from admin_jax import cli
 from admin_jax.analysis import command
@@ -22,10 +23,9 @@ HEADER = ('stack', 'sublayer_index', 'kind', 'omega')
 
 def read_omegas(workdir: str) -> dict[str, list[float]]:
   """DIR/omega.json, checked: both stacks, finite numbers, whole layers."""
-  path = os.path.join(workdir, 'omega.json')
+  path = epath.Path(workdir) / 'omega.json'
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(path.read_text())
   except FileNotFoundError:
     raise UserError(f'{path} not found: run the Admin profiling pass for this workdir first') from None
   except (OSError, ValueError) as error:

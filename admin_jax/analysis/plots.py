@@ -1,21 +1,49 @@
-"""The analysis figures, one function per PNG.
+"""Every figure the project draws, one function per PNG: the analysis figures, omega and
+the training curves.
 
 Uses matplotlib's object API (no pyplot), so it needs no display, keeps no global figure state,
 and can be called from training or profiling code as well as from the analysis commands.
+PNGs are rendered in memory and written through `admin_jax.files`, so `path` may be a bucket.
 """
 
+import io
 from collections.abc import Mapping, Sequence
 
+from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
+from admin_jax import files
 
-def _save(fig: Figure, path: str) -> None:
+
+def _save(fig: Figure, path: epath.PathLike) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
+  files.write_bytes(path, png.getvalue())
 
 
-def plot_omegas(omegas: Mapping[str, Sequence[float]], path: str) -> None:
+def plot_training_curves(records: Sequence[Mapping[str, float]], path: epath.PathLike) -> None:
+  """Training loss, validation loss and, where evaluated, validation BLEU vs step (metrics.jsonl records)."""
+  train = [r for r in records if 'loss' in r]
+  valid = [r for r in records if 'valid_loss' in r]
+  bleu = [r for r in records if 'valid_bleu' in r]
+  fig = Figure(figsize=(10 if bleu else 5, 3.5))
+  axes = fig.subplots(1, 2 if bleu else 1, squeeze=False)[0]
+  axes[0].plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
+  if valid:
+    axes[0].plot([r['step'] for r in valid], [r['valid_loss'] for r in valid], 'o-', label='valid loss')
+  axes[0].set_xlabel('step')
+  axes[0].set_ylabel('label-smoothed loss (nats/token)')
+  axes[0].legend()
+  if bleu:
+    axes[1].plot([r['step'] for r in bleu], [r['valid_bleu'] for r in bleu], 'o-')
+    axes[1].set_xlabel('step')
+    axes[1].set_ylabel('valid BLEU')
+  _save(fig, path)
+
+
+def plot_omegas(omegas: Mapping[str, Sequence[float]], path: epath.PathLike) -> None:
   """omega vs sublayer index (1-based, forward order), one line per stack."""
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
@@ -29,7 +57,7 @@ def plot_omegas(omegas: Mapping[str, Sequence[float]], path: str) -> None:
   _save(fig, path)
 
 
-def plot_output_change(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str) -> None:
+def plot_output_change(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: epath.PathLike) -> None:
   """Output change vs number of encoder sublayers, one line per residual (the paper's figure)."""
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
@@ -43,7 +71,7 @@ def plot_output_change(curves: Mapping[str, tuple[Sequence[int], Sequence[float]
   _save(fig, path)
 
 
-def plot_grad_norms(norms: Mapping[str, Mapping[str, Sequence[float]]], path: str) -> None:
+def plot_grad_norms(norms: Mapping[str, Mapping[str, Sequence[float]]], path: epath.PathLike) -> None:
   """Gradient norm per sublayer (log scale), one panel per stack, one line per model."""
   stacks = ('encoder', 'decoder')
   fig = Figure(figsize=(10, 4))
@@ -61,7 +89,7 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Sequence[float]]], path: st
   _save(fig, path)
 
 
-def plot_dependency(betas: Mapping[str, np.ndarray], path: str) -> None:
+def plot_dependency(betas: Mapping[str, np.ndarray], path: epath.PathLike) -> None:
   """Heatmaps of beta_{i,j}: rows x_1..x_N, columns a_1..a_N (the embedding column left out)."""
   fig = Figure(figsize=(4.5 * len(betas), 4))
   axes = np.atleast_1d(fig.subplots(1, len(betas)))

@@ -16,21 +16,22 @@ and one code path for both cases.
 import io
 import os
 import time
-from pathlib import Path
 from typing import Iterable
 
 from absl import logging
+from etils import epath
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from admin_jax import files
 from admin_jax.data import corpora
 from admin_jax.errors import UserError
 
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
-_MODEL_NAME = 'spm.model'
+MODEL_NAME = 'spm.model'
 _POLL_SECONDS = 5
 
 
@@ -43,8 +44,9 @@ class Tokenizer:
     self.model_proto = model_proto  # the serialized model, which checkpoints carry (checkpoint.run_meta)
 
   @classmethod
-  def load(cls, path: str | Path) -> 'Tokenizer':
-    path = Path(path)
+  def load(cls, path: epath.PathLike) -> 'Tokenizer':
+    """Reads the model's bytes, so `path` may be a bucket (SentencePiece itself opens local files only)."""
+    path = epath.Path(path)
     if not path.is_file():
       raise UserError(f'No such SentencePiece model: {path}')
     try:
@@ -74,16 +76,12 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   """
   if config.data.spm_model:
     return Tokenizer.load(config.data.spm_model)
-  path = Path(workdir) / _MODEL_NAME
+  path = epath.Path(workdir) / MODEL_NAME
   if path.is_file():
     return Tokenizer.load(path)
   import jax  # Only needed here; keeps the tokenizer importable without JAX set up.
   if jax.process_index() == 0:
-    proto = _train(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-    tmp.write_bytes(proto)
-    os.replace(tmp, path)  # Atomic: the waiting processes never see a partial file.
+    files.write_bytes(path, _train(config))  # whole: the waiting processes never see a partial file
     logging.info('Wrote SentencePiece model %s', path)
   else:
     while not path.is_file():

@@ -1,5 +1,6 @@
 """Multi-head attention with the reference's fused-QKV initialisation and a decoding cache."""
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -21,21 +22,46 @@ class KVCache(NamedTuple):
   value: jax.Array
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """softmax over the last axis in float32, returned in `dtype`.
+
+  The backward pass keeps only that `dtype` output, so under bf16 compute the attention
+  probabilities are stored once, in bf16, rather than in float32 as well (jax.nn.softmax keeps
+  its float32 output for the backward pass: a float32 [b, h, q, k] tensor per attention layer).
+  """
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_forward(logits, dtype):
+  probs = _softmax(logits, dtype)
+  return probs, probs
+
+
+def _softmax_backward(dtype, probs, grad):
+  del dtype
+  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return (probs * (grad - (grad * probs).sum(-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_forward, _softmax_backward)
+
+
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
            dropout_rate: float, rng: jax.Array | None, fused: bool = False) -> jax.Array:
   """softmax(q k^T) v with logits and softmax in float32; `mask` broadcasts to [b, h, q, k].
 
-  `fused` hands the whole computation to jax.nn.dot_product_attention (cuDNN flash attention
-  on GPUs), which has no dropout: it is only valid with attention dropout off.
+  `fused` hands the whole computation to jax.nn.dot_product_attention, as cuDNN flash attention
+  on GPUs (XLA elsewhere). It has no dropout: it is only valid with attention dropout off.
   """
   if fused:
     if rng is not None and dropout_rate > 0:
       raise ValueError('fused attention has no dropout: set model.attention_dropout=0')
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0)
+    implementation = 'cudnn' if jax.default_backend() == 'gpu' else None
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
-  probs = layers.dropout(probs, dropout_rate, rng)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(value.dtype), value)
+  probs = _softmax(jnp.where(mask, logits, _MASKED), value.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', layers.dropout(probs, dropout_rate, rng), value)
 
 
 class Attention(nnx.Module):
@@ -82,10 +108,12 @@ class Attention(nnx.Module):
     y = jnp.einsum('blhk,hkd->bld', context, self.out[...].astype(context.dtype))
     return constrain(y + self.out_bias[...].astype(context.dtype), ('batch', 'length', 'embed'))
 
-  def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, *,
-               dropout_rate: float, rng: jax.Array | None) -> jax.Array:
-    """Attention of `x` over `memory` (pass `x` itself for self-attention)."""
-    return self.attend_to(x, self.key_value(memory), mask, dropout_rate=dropout_rate, rng=rng)
+  def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+    """Self-attention: Q, K and V from one matmul against the whole fused kernel."""
+    qkv = self._project(x, slice(0, 3))
+    query = qkv[:, :, 0] * jnp.asarray(self.scale, x.dtype)
+    context = attend(query, qkv[:, :, 1], qkv[:, :, 2], mask, dropout_rate=dropout_rate, rng=rng, fused=self.fused)
+    return self.output(context)
 
   def attend_to(self, x: jax.Array, kv: KVCache, mask: jax.Array, *,
                 dropout_rate: float, rng: jax.Array | None) -> jax.Array:

@@ -11,6 +11,7 @@ from admin_jax.sharding import constrain
 
 LN_EPS = 1e-5  # fairseq/apex; Flax's default 1e-6 changes Post-LN numerics measurably
 POSITION_OFFSET = 2  # fairseq positions start at padding_idx + 1 = 2
+_DROPOUT_LEVELS = 2 ** 16
 
 
 def param(init, key: jax.Array, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -41,11 +42,19 @@ def xavier_bound(fan_in: int, fan_out: int) -> float:
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis)."""
+  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis).
+
+  The mask compares 16 random bits with an integer threshold instead of drawing float uniforms
+  (jax.random.bernoulli): no int-to-float conversion, and half the random bits where the PRNG
+  packs them. The drop rate is quantised to 2^-16, and the kept values are scaled by the exact
+  inverse of the quantised keep probability, so the expectation is unchanged.
+  """
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  threshold = round(rate * _DROPOUT_LEVELS)
+  keep = jax.random.bits(rng, x.shape, jnp.uint16) >= threshold
+  scale = _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
+  return jnp.where(keep, (x.astype(jnp.float32) * scale).astype(x.dtype), jnp.zeros_like(x))  # scale in f32: exact
 
 
 class LayerNorm(nnx.Module):
@@ -74,9 +83,10 @@ class Embedding(nnx.Module):
     return jnp.take(self.table[...], tokens, axis=0).astype(dtype) * jnp.asarray(math.sqrt(self.d_model), dtype)
 
   def logits(self, x: jax.Array) -> jax.Array:
-    """x @ E^T, accumulated in float32: no bias, no scaling, as fairseq's shared softmax."""
-    table = self.table[...].astype(x.dtype)
-    return jnp.einsum('bld,vd->blv', x, table, preferred_element_type=jnp.float32)
+    """x @ E^T in the compute dtype (accumulated in float32): no bias, no scaling, as fairseq's
+    shared softmax. bfloat16 logits, like fairseq's fp16 ones, keep the backward matmuls in
+    bfloat16; float32 logits would pull both into float32 (TF32 on GPUs, twice the bytes)."""
+    return jnp.einsum('bld,vd->blv', x, self.table[...].astype(x.dtype))
 
 
 def sinusoidal_positions(positions: jax.Array, segments: jax.Array, d_model: int) -> jax.Array:

@@ -86,7 +86,7 @@ class EncoderLayer(nnx.Module):
     omegas = []
     x, profile = _sublayer(
         self.self_attention_residual, x,
-        lambda h: self.self_attention(h, h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng),
+        lambda h: self.self_attention(h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng),
         cfg=cfg, rng=attn_out_rng, profile=profile, omegas=omegas, tap=tap)
     x, profile = _sublayer(
         self.ffn_residual, x, lambda h: self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng),
@@ -128,7 +128,7 @@ class DecoderLayer(nnx.Module):
     omegas = []
     x, profile = _sublayer(
         self.self_attention_residual, x,
-        lambda h: self.self_attention(h, h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
+        lambda h: self.self_attention(h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
         cfg=cfg, rng=rngs[1], profile=profile, omegas=omegas, tap=tap)
     x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(cfg.compute_dtype)),
                                      cross_mask, rngs[2:], profile, omegas, tap)
