@@ -65,8 +65,8 @@ _LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
                                           'Tokens projected onto the vocabulary at a time in the loss (0: all).')
 _PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rbg', 'unsafe_rbg'],
                                'PRNG that draws the dropout masks.')
-_FUSED_ATTENTION = flags.DEFINE_bool('fused_attention', False,
-                                     'jax.nn.dot_product_attention, with attention dropout 0 (it has none).')
+_ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'flash'],
+                                    'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
@@ -85,12 +85,12 @@ class Options:
   remat: str = 'none'
   loss_chunk_tokens: int = 0
   prng_impl: str = 'threefry2x32'
-  fused_attention: bool = False
+  attention_impl: str = 'xla'
   scan_layers: bool = False
 
   @property
   def attention_dropout(self) -> float:
-    return 0.0 if self.fused_attention else 0.1
+    return 0.0 if self.attention_impl == 'cudnn' else 0.1
 
 
 def model_config(preset: Preset, options: Options = Options()) -> TransformerConfig:
@@ -98,7 +98,7 @@ def model_config(preset: Preset, options: Options = Options()) -> TransformerCon
   return TransformerConfig(vocab_size=preset.vocab_size, residual='admin', num_encoder_layers=preset.layers,
                            num_decoder_layers=preset.layers, d_model=preset.d_model, ffn_dim=preset.ffn_dim,
                            num_heads=preset.num_heads, dtype=preset.dtype, remat=options.remat,
-                           fused_attention=options.fused_attention, attention_dropout=options.attention_dropout,
+                           attention_impl=options.attention_impl, attention_dropout=options.attention_dropout,
                            scan_layers=options.scan_layers, max_len=preset.seq_len)
 
 
@@ -239,7 +239,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
       'remat': options.remat,
       'loss_chunk_tokens': options.loss_chunk_tokens or None,  # None: the whole batch's logits at once
       'prng_impl': options.prng_impl,
-      'fused_attention': options.fused_attention,
+      'attention_impl': options.attention_impl,
       'scan_layers': options.scan_layers,
       'attention_dropout': options.attention_dropout,
       'steps': steps,
@@ -251,7 +251,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
-                    fused_attention=_FUSED_ATTENTION.value, scan_layers=_SCAN_LAYERS.value)
+                    attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value)
   matmul_peak = flops.measured_matmul_tflops()
   names = _PRESET.value
   for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):

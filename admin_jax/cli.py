@@ -30,6 +30,7 @@ CHOICES = {
     'model.residual': ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.remat': ('none', 'full', 'dots'),
+    'model.attention_impl': ('xla', 'cudnn', 'flash'),
     'data.source': ('synthetic', 'text', 'tfds'),
     'data.spm_model_type': ('bpe', 'unigram'),
     'train.optimizer': ('radam', 'adam', 'adamw'),
@@ -83,8 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.d_model % config.model.num_heads:
     raise UserError(f'config model.d_model={config.model.d_model} is not divisible by '
                     f'model.num_heads={config.model.num_heads}')
-  if config.model.fused_attention and config.model.attention_dropout:
-    raise UserError('config model.fused_attention=True needs model.attention_dropout=0 '
+  if config.model.attention_impl == 'cudnn' and config.model.attention_dropout:
+    raise UserError("config model.attention_impl='cudnn' needs model.attention_dropout=0 "
                     '(jax.nn.dot_product_attention has no dropout)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')

@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Checkpoints are the same either way.
   model.scan_layers = False
   model.remat = 'none'  # none | full | dots (save matmul outputs, recompute the rest)
-  model.fused_attention = False  # cuDNN flash attention on GPU (jax.nn.dot_product_attention); needs attention_dropout=0
+  # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
+  # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). See docs/PERF.md.
+  model.attention_impl = 'xla'
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'tfds'  # synthetic | text | tfds

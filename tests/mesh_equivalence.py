@@ -1,8 +1,10 @@
 """Runs the profiling pass and 5 train steps of a tiny model on several meshes; prints JSON.
 
 Executed in a child process with 8 host CPU devices by test_profiling.py and test_train.py.
+Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -18,6 +20,7 @@ from admin_jax.model import TransformerConfig
 from conftest import packed_batch
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+ATTENTION_RUNS = [('xla', 0.0, (2, 2, 2)), ('flash', 0.0, (2, 2, 2)), ('flash', 0.1, (2, 2, 2))]
 
 
 def main() -> None:
@@ -29,12 +32,16 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batches = [packed_batch(rng, 8, 16, 64, [[5, 11], [16], [7, 9], [3, 4, 9], [16], [12], [2, 14], [8, 8]])
              for _ in range(5)]
+  runs = [('x'.join(map(str, shape)), shape, model_cfg) for shape in MESHES]
+  runs += [(f'{impl}/{rate}/{"x".join(map(str, shape))}', shape,
+            dataclasses.replace(model_cfg, attention_impl=impl, attention_dropout=rate))
+           for impl, rate, shape in ATTENTION_RUNS]
   results = {}
-  for shape in MESHES:
+  for name, shape, cfg in runs:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices)
     tx, schedule = optim.make_optimizer(train)
-    setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
+    setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0)
     omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
     state = profiling.with_omegas(setup, state, omegas)
     micro = sharding.global_batch({k: v[None] for k, v in batches[0].items()}, mesh, micro_batched=True)
@@ -47,8 +54,7 @@ def main() -> None:
       losses.append(float(metrics['loss']))
     specs = {'/'.join(str(p) for p in path): str(v.sharding.spec)
              for path, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-    results['x'.join(map(str, shape))] = {
-        'omegas': {k: v.tolist() for k, v in omegas.items()}, 'losses': losses, 'specs': specs}
+    results[name] = {'omegas': {k: v.tolist() for k, v in omegas.items()}, 'losses': losses, 'specs': specs}
   json.dump(results, sys.stdout)
 
 

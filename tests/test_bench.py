@@ -49,7 +49,8 @@ class FastPath(NamedTuple):
 
 # A new fast path (chunked cross-entropy, ...) is one more line here.
 FAST_PATHS = [
-    pytest.param(FastPath({'fused_attention': True}, F32, (('attention_dropout', 0.0),)), id='fused_attention'),
+    pytest.param(FastPath({'attention_impl': 'cudnn'}, F32, (('attention_dropout', 0.0),)), id='cudnn_attention'),
+    pytest.param(FastPath({'attention_impl': 'flash'}, F32, (('attention_dropout', 0.0),)), id='flash_attention'),
     pytest.param(FastPath({'dtype': 'bfloat16'}, BF16), id='bfloat16'),
     pytest.param(FastPath({'remat': 'full'}, F32), id='remat_full'),
     pytest.param(FastPath({'scan_layers': True}, F32), id='scan'),

@@ -12,7 +12,7 @@ from admin_jax.model import Transformer
 from admin_jax.model import TransformerConfig
 from admin_jax.model import layers
 from admin_jax.model import residual as residual_lib
-from admin_jax.model.transformer import attention_mask
+from admin_jax.model.attention import Visibility
 from conftest import packed_batch
 import numpy_reference as ref
 
@@ -122,9 +122,9 @@ def test_layers_match_numpy_reference(residual, np_rng):
     graphdef, state = nnx.split(layer_module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
-  enc_out, _, _ = unstack(enc_layer)(jnp.asarray(x), attention_mask(seg, seg), None, None)
-  dec_out, _, _ = unstack(dec_layer)(jnp.asarray(x), jnp.asarray(memory), attention_mask(seg, seg, causal=True),
-                                     attention_mask(seg, mem_seg), None, None)
+  enc_out, _, _ = unstack(enc_layer)(jnp.asarray(x), Visibility(seg, seg), None, None)
+  dec_out, _, _ = unstack(dec_layer)(jnp.asarray(x), jnp.asarray(memory), Visibility(seg, seg, causal=True),
+                                     Visibility(seg, mem_seg), None, None)
 
   pe, pd = layer_params(model.encoder, 0), layer_params(model.decoder, 0)
   x64, m64 = x[0].astype(np.float64), memory[0].astype(np.float64)

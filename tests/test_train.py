@@ -123,7 +123,7 @@ def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp
   config = demo.get_config()
   cli.write_config(config, str(tmp_path))
   config.model.scan_layers = not config.model.scan_layers
-  config.model.update(fused_attention=True, attention_dropout=0.0, dtype='bfloat16', remat='full')
+  config.model.update(attention_impl='cudnn', attention_dropout=0.0, dtype='bfloat16', remat='full')
   train_lib.check_workdir_compatible(config, str(tmp_path))  # same parameters: accepted
   config.model.ffn_dim *= 2
   config.train.prng_impl = 'rbg'  # the saved dropout key would not fit
@@ -267,3 +267,13 @@ def test_configs_encode_the_recipes(name, arg, layers, residual):
   if name.startswith(('wmt', 'iwslt')):
     assert config.train.optimizer == 'radam' and config.train.warmup_init_lr == 1e-7
     assert config.train.label_smoothing == 0.1 and config.train.clip_norm == 0.0
+
+
+def test_flash_attention_trains_under_a_mesh(mesh_results):
+  """The Pallas kernel runs per shard under shard_map: without attention dropout it gives the XLA
+  path's losses; with it, losses of the same model under other masks (the seed folds in the shard)."""
+  xla, flash = mesh_results['xla/0.0/2x2x2']['losses'], mesh_results['flash/0.0/2x2x2']['losses']
+  np.testing.assert_allclose(flash, xla, rtol=1e-5)
+  dropped = mesh_results['flash/0.1/2x2x2']['losses']
+  assert all(math.isfinite(x) for x in dropped) and dropped != xla
+  np.testing.assert_allclose(dropped, mesh_results['2x2x2']['losses'], rtol=0.05)

@@ -1,4 +1,10 @@
-"""Multi-head attention with the reference's fused-QKV initialisation and a decoding cache."""
+"""Multi-head attention with the reference's fused-QKV initialisation and a decoding cache.
+
+Three implementations compute the same attention (`TransformerConfig.attention_impl`):
+'xla' (einsums and a softmax that XLA fuses; attention dropout as the paper), 'cudnn'
+(jax.nn.dot_product_attention, cuDNN flash attention on GPUs; no attention dropout) and 'flash'
+(the Pallas kernel of flash_attention.py: flash attention with the paper's attention dropout).
+"""
 
 import functools
 import math
@@ -8,12 +14,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from admin_jax import sharding
+from admin_jax.model import flash_attention
 from admin_jax.model import layers
 from admin_jax.sharding import constrain
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'flash')
+
 # Large but finite, so that a query with no visible key (a padding row) yields a uniform
-# distribution instead of NaN.
+# distribution instead of NaN (see `attend`).
 _MASKED = -1e9
+
+
+class Visibility(NamedTuple):
+  """Which keys each query sees: those of its own packed segment (segment 0 is padding) and, if
+  `causal`, not later ones. Segment ids rather than a dense mask, so that flash attention can
+  rebuild the mask of each tile instead of reading a [batch, q, k] tensor."""
+  query_segments: jax.Array  # [batch, q]
+  key_segments: jax.Array  # [batch, k]
+  causal: bool = False
+
+  def mask(self) -> jax.Array:
+    """[batch, 1, q, k] boolean, broadcasting over heads."""
+    query, key = self.query_segments[:, :, None], self.key_segments[:, None, :]
+    mask = (query == key) & (key > 0)
+    if self.causal:
+      q, k = query.shape[1], key.shape[2]
+      mask &= jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+    return mask[:, None]
 
 
 class KVCache(NamedTuple):
@@ -47,21 +75,66 @@ def _softmax_backward(dtype, probs, grad):
 _softmax.defvjp(_softmax_forward, _softmax_backward)
 
 
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
-           dropout_rate: float, rng: jax.Array | None, fused: bool = False) -> jax.Array:
-  """softmax(q k^T) v with logits and softmax in float32; `mask` broadcasts to [b, h, q, k].
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  """The mesh axes that one PartitionSpec entry splits a dimension over."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
-  `fused` hands the whole computation to jax.nn.dot_product_attention, as cuDNN flash attention
-  on GPUs (XLA elsewhere). It has no dropout: it is only valid with attention dropout off.
+
+def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
+           dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+  """flash_attention on each device's shard of the batch and heads, under the current mesh.
+
+  A Pallas call is opaque to XLA's partitioner, hence shard_map. Each shard folds its index into
+  the dropout seed, since the kernel's mask depends only on the seed and local positions.
   """
-  if fused:
+  seed = jnp.zeros((), jnp.uint32) if rng is None else jax.random.bits(rng, (), jnp.uint32)
+  rate = dropout_rate if rng is not None else 0.0
+
+  def local(q, k, v, q_segments, k_segments, seed, shard_axes=()):
+    if shard_axes:
+      seed = seed + jax.lax.axis_index(shard_axes).astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+    return flash_attention.flash_attention(q, k, v, q_segments, k_segments, causal=visibility.causal,
+                                           dropout_rate=rate, seed=seed if rate else None)
+
+  operands = (query, key, value, visibility.query_segments, visibility.key_segments, seed)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(*operands)
+  axes = ('batch', 'length', 'heads', 'kv')
+  q_spec = sharding.logical_to_spec(axes, query.shape, dict(mesh.shape))
+  kv_spec = sharding.logical_to_spec(axes, key.shape, dict(mesh.shape))
+  shard_axes = _mesh_axes(q_spec[0]) + _mesh_axes(q_spec[2])  # the batch's and the heads'
+  specs = (q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None), jax.P(kv_spec[0], None), jax.P())
+  return jax.shard_map(functools.partial(local, shard_axes=shard_axes), mesh=mesh, in_specs=specs,
+                       out_specs=q_spec, check_vma=False)(*operands)
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
+           dropout_rate: float, rng: jax.Array | None, impl: str = 'xla') -> jax.Array:
+  """softmax(q k^T) v with logits and softmax in float32, by `impl` (see ATTENTION_IMPLS).
+
+  'cudnn' has no dropout: it is only valid with attention dropout off. A single query (a
+  decoding step) always takes the 'xla' path: there is nothing to fuse.
+
+  A query that sees no key (a padding position) attends uniformly to all keys of its row, as the
+  XLA path's large negative logits make it: padding positions then carry values like real ones
+  into the profiling pass's variances, as in the reference's padded batches (zeros there would
+  damp omega's growth with depth). The fused kernels leave such rows at zero, so they are set here.
+  """
+  mask = visibility.mask()
+  if impl == 'xla' or query.shape[1] == 1:
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
+    probs = _softmax(jnp.where(mask, logits, _MASKED), value.dtype)
+    return jnp.einsum('bhqk,bkhd->bqhd', layers.dropout(probs, dropout_rate, rng), value)
+  if impl == 'flash':
+    context = _flash(query, key, value, visibility, dropout_rate=dropout_rate, rng=rng)
+  else:
     if rng is not None and dropout_rate > 0:
-      raise ValueError('fused attention has no dropout: set model.attention_dropout=0')
+      raise ValueError("cuDNN attention has no dropout: set model.attention_dropout=0")
     implementation = 'cudnn' if jax.default_backend() == 'gpu' else None
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-  probs = _softmax(jnp.where(mask, logits, _MASKED), value.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', layers.dropout(probs, dropout_rate, rng), value)
+    context = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
+  sees_a_key = mask.any(-1)[:, 0, :, None, None]  # [batch, q, 1, 1]
+  return jnp.where(sees_a_key, context, value.mean(1, keepdims=True).astype(context.dtype))
 
 
 class Attention(nnx.Module):
@@ -74,7 +147,7 @@ class Attention(nnx.Module):
   per projection instead, with gain 1 for Q and K and `gain` for V and the output projection.
   """
 
-  def __init__(self, d_model: int, num_heads: int, *, gain: float | None, fused: bool = False, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int, *, gain: float | None, impl: str = 'xla', rngs: nnx.Rngs):
     head_dim = d_model // num_heads
     shape = (d_model, 3, num_heads, head_dim)
     if gain is None:
@@ -90,7 +163,7 @@ class Attention(nnx.Module):
     self.out = layers.param(out_init, rngs.params(), (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'))
     self.out_bias = layers.param(layers.zeros, rngs.params(), (d_model,), ('embed',))
     self.scale = head_dim ** -0.5
-    self.fused = fused
+    self.impl = impl
 
   def _project(self, x: jax.Array, parts: slice) -> jax.Array:
     kernel = self.qkv[...][:, parts].astype(x.dtype)
@@ -108,17 +181,20 @@ class Attention(nnx.Module):
     y = jnp.einsum('blhk,hkd->bld', context, self.out[...].astype(context.dtype))
     return constrain(y + self.out_bias[...].astype(context.dtype), ('batch', 'length', 'embed'))
 
-  def __call__(self, x: jax.Array, mask: jax.Array, *, dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, visibility: Visibility, *, dropout_rate: float,
+               rng: jax.Array | None) -> jax.Array:
     """Self-attention: Q, K and V from one matmul against the whole fused kernel."""
     qkv = self._project(x, slice(0, 3))
     query = qkv[:, :, 0] * jnp.asarray(self.scale, x.dtype)
-    context = attend(query, qkv[:, :, 1], qkv[:, :, 2], mask, dropout_rate=dropout_rate, rng=rng, fused=self.fused)
+    context = attend(query, qkv[:, :, 1], qkv[:, :, 2], visibility, dropout_rate=dropout_rate, rng=rng,
+                     impl=self.impl)
     return self.output(context)
 
-  def attend_to(self, x: jax.Array, kv: KVCache, mask: jax.Array, *,
+  def attend_to(self, x: jax.Array, kv: KVCache, visibility: Visibility, *,
                 dropout_rate: float, rng: jax.Array | None) -> jax.Array:
     """Attention of `x` over precomputed keys and values (the decoder's cross-attention cache)."""
-    context = attend(self.query(x), kv.key, kv.value, mask, dropout_rate=dropout_rate, rng=rng, fused=self.fused)
+    context = attend(self.query(x), kv.key, kv.value, visibility, dropout_rate=dropout_rate, rng=rng,
+                     impl=self.impl)
     return self.output(context)
 
   def cached_self_attention(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -126,5 +202,7 @@ class Attention(nnx.Module):
     new = self.key_value(x)
     cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1)
                       for c, n in zip(cache, new)))
-    visible = (jnp.arange(cache.key.shape[1]) <= index)[None, None, None, :]
-    return self.attend_to(x, cache, visible, dropout_rate=0.0, rng=None), cache
+    batch, length = cache.key.shape[:2]
+    written = jnp.broadcast_to(jnp.arange(length) <= index, (batch, length)).astype(jnp.int32)
+    visibility = Visibility(jnp.ones((batch, 1), jnp.int32), written)
+    return self.attend_to(x, cache, visibility, dropout_rate=0.0, rng=None), cache

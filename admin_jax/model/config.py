@@ -22,7 +22,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
-  fused_attention: bool = False
+  attention_impl: str = 'xla'  # xla | cudnn | flash (model/attention.py)
   max_len: int = 256
 
   @property

@@ -15,6 +15,7 @@ import numpy as np
 from admin_jax.model import layers
 from admin_jax.model.attention import Attention
 from admin_jax.model.attention import KVCache
+from admin_jax.model.attention import Visibility
 from admin_jax.model.config import TransformerConfig
 from admin_jax.model.residual import ADMIN_RESIDUALS
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
@@ -35,15 +36,6 @@ DECODER_RESIDUALS = ('self_attention_residual', 'cross_attention_residual', 'ffn
 
 def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
   return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
-def attention_mask(query_segments: jax.Array, key_segments: jax.Array, causal: bool = False) -> jax.Array:
-  """[batch, 1, q, k]: a query sees keys of its own packed segment (and, if causal, not later ones)."""
-  mask = (query_segments[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0)
-  if causal:
-    q, k = query_segments.shape[1], key_segments.shape[1]
-    mask &= jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
-  return mask[:, None]
 
 
 def decoder_inputs(targets: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
@@ -73,20 +65,20 @@ class EncoderLayer(nnx.Module):
   """Self-attention and FFN sublayers, each wrapped in its residual."""
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
-    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
     self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None, profile: Profile | None,
+  def __call__(self, x: jax.Array, visibility: Visibility, rng: jax.Array | None, profile: Profile | None,
                tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
     cfg = self.cfg
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = _split(rng, 4)
     omegas = []
     x, profile = _sublayer(
         self.self_attention_residual, x,
-        lambda h: self.self_attention(h, mask, dropout_rate=cfg.attention_dropout, rng=attn_rng),
+        lambda h: self.self_attention(h, visibility, dropout_rate=cfg.attention_dropout, rng=attn_rng),
         cfg=cfg, rng=attn_out_rng, profile=profile, omegas=omegas, tap=tap)
     x, profile = _sublayer(
         self.ffn_residual, x, lambda h: self.ffn(h, activation_dropout=cfg.activation_dropout, rng=act_rng),
@@ -98,21 +90,21 @@ class DecoderLayer(nnx.Module):
   """Causal self-attention, cross-attention over the encoder output, and FFN."""
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
-    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
+    self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
     self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
-    self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, fused=cfg.fused_attention, rngs=rngs)
+    self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
     self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
     self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
     self.cfg = cfg
 
-  def _cross_and_ffn(self, x, memory_kv: KVCache, cross_mask, rngs, profile, omegas, tap=None):
+  def _cross_and_ffn(self, x, memory_kv: KVCache, cross: Visibility, rngs, profile, omegas, tap=None):
     """The sublayers after self-attention, shared by the full forward and cached decoding."""
     cfg = self.cfg
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = rngs
     x, profile = _sublayer(
         self.cross_attention_residual, x,
-        lambda h: self.cross_attention.attend_to(h, memory_kv, cross_mask, dropout_rate=cfg.attention_dropout,
+        lambda h: self.cross_attention.attend_to(h, memory_kv, cross, dropout_rate=cfg.attention_dropout,
                                                  rng=attn_rng),
         cfg=cfg, rng=attn_out_rng, profile=profile, omegas=omegas, tap=tap)
     x, profile = _sublayer(
@@ -120,7 +112,7 @@ class DecoderLayer(nnx.Module):
         cfg=cfg, rng=ffn_out_rng, profile=profile, omegas=omegas, tap=tap)
     return x, profile
 
-  def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, cross_mask: jax.Array,
+  def __call__(self, x: jax.Array, memory: jax.Array, causal: Visibility, cross: Visibility,
                rng: jax.Array | None, profile: Profile | None,
                tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
     cfg = self.cfg
@@ -128,19 +120,19 @@ class DecoderLayer(nnx.Module):
     omegas = []
     x, profile = _sublayer(
         self.self_attention_residual, x,
-        lambda h: self.self_attention(h, self_mask, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
+        lambda h: self.self_attention(h, causal, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
         cfg=cfg, rng=rngs[1], profile=profile, omegas=omegas, tap=tap)
     x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(cfg.compute_dtype)),
-                                     cross_mask, rngs[2:], profile, omegas, tap)
+                                     cross, rngs[2:], profile, omegas, tap)
     return x, profile, omegas
 
-  def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross_mask: jax.Array,
+  def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross: Visibility,
                   index: jax.Array) -> tuple[jax.Array, KVCache]:
     dtype = self.cfg.compute_dtype
     h = self.self_attention_residual.branch_input(x, dtype)
     f, cache = self.self_attention.cached_self_attention(h, cache, index)
     x, _ = self.self_attention_residual(x, f)
-    x, _ = self._cross_and_ffn(x, memory_kv, cross_mask, [None] * 4, None, [])
+    x, _ = self._cross_and_ffn(x, memory_kv, cross, [None] * 4, None, [])
     return x, cache
 
 
@@ -243,13 +235,13 @@ class Transformer(nnx.Module):
   def _encode(self, inputs, segments, positions, rng, profile: Profile | None, offsets=None):
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self.embedding, inputs, positions, segments, emb_rng)
-    mask = attention_mask(segments, segments)
+    visibility = Visibility(segments, segments)
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_encoder_layers)
 
     def step(layer, carry, xs):
       (x, profile), (key, offsets) = carry, xs
       tap = None if offsets is None else Tap(offsets)
-      x, profile, omegas = layer(x, mask, key, profile, tap)
+      x, profile, omegas = layer(x, visibility, key, profile, tap)
       return (x, profile), _layer_outputs(profile, omegas, tap)
 
     (x, _), (omegas, sublayers) = self.encoder.apply(step, (x, profile), (keys, offsets))
@@ -261,14 +253,13 @@ class Transformer(nnx.Module):
               offsets=None):
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self._decoder_table(), targets_in, positions, segments, emb_rng)
-    self_mask = attention_mask(segments, segments, causal=True)
-    cross_mask = attention_mask(segments, memory_segments)
+    causal, cross = Visibility(segments, segments, causal=True), Visibility(segments, memory_segments)
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_decoder_layers)
 
     def step(layer, carry, xs):
       (x, profile), (key, offsets) = carry, xs
       tap = None if offsets is None else Tap(offsets)
-      x, profile, omegas = layer(x, memory, self_mask, cross_mask, key, profile, tap)
+      x, profile, omegas = layer(x, memory, causal, cross, key, profile, tap)
       return (x, profile), _layer_outputs(profile, omegas, tap)
 
     (x, _), (omegas, sublayers) = self.decoder.apply(step, (x, profile), (keys, offsets))
@@ -381,11 +372,11 @@ class Transformer(nnx.Module):
     index = cache.index
     segments = jnp.ones((tokens.shape[0], 1), jnp.int32)
     x = self._embed(self._decoder_table(), tokens[:, None], jnp.full_like(segments, index), segments, None)
-    cross_mask = cache.memory_mask[:, None, None, :]
+    cross = Visibility(segments, cache.memory_mask.astype(jnp.int32))
 
     def step(layer, x, xs):
       self_cache, memory_kv = xs
-      return layer.decode_step(x, self_cache, memory_kv, cross_mask, index)
+      return layer.decode_step(x, self_cache, memory_kv, cross, index)
 
     x, self_cache = self.decoder.apply(step, x, (cache.self_attention, cache.cross_attention))
     logits = self._logits(x)[:, 0]
