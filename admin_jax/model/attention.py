@@ -19,8 +19,6 @@ from admin_jax.model import flash_attention
 from admin_jax.model import layers
 from admin_jax.sharding import constrain
 
-ATTENTION_IMPLS = ('xla', 'cudnn', 'flash')
-
 # Large but finite, so that a query with no visible key (a padding row) yields a uniform
 # distribution instead of NaN (see `attend`).
 _MASKED = -1e9
@@ -111,7 +109,7 @@ def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
            dropout_rate: float, rng: jax.Array | None, impl: str = 'xla') -> jax.Array:
-  """softmax(q k^T) v with logits and softmax in float32, by `impl` (see ATTENTION_IMPLS).
+  """softmax(q k^T) v with logits and softmax in float32, by `impl` (see the module docstring).
 
   'cudnn' has no dropout: it is only valid with attention dropout off. A single query (a
   decoding step) always takes the 'xla' path: there is nothing to fuse.
