@@ -57,9 +57,9 @@ FAST_PATHS = [
 ]
 
 
-def test_tiny_preset_prints_one_json_line_with_every_field():
+def test_tiny_preset_prints_one_json_line_with_every_field(tmp_path):
   command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--steps=3', '--warmup_steps=1',
-             '--loss_chunk_tokens=64']
+             '--loss_chunk_tokens=64', '--prng_impl=rbg', f'--trace_dir={tmp_path}']
   result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
@@ -68,12 +68,16 @@ def test_tiny_preset_prints_one_json_line_with_every_field():
   expected = {'preset', 'device', 'n_devices', 'tokens_per_sec', 'step_ms', 'model_tflops_per_sec', 'mfu',
               'matmul_peak_tflops', 'datasheet_peak_tflops', 'compile_seconds', 'peak_memory_bytes',
               'peak_memory_source', 'params', 'layers', 'd_model', 'ffn_dim', 'num_heads', 'vocab_size',
-              'seq_len', 'batch', 'dtype', 'remat', 'steps', 'warmup_steps', 'jax'}
+              'seq_len', 'batch', 'dtype', 'remat', 'steps', 'warmup_steps', 'jax', 'step_ms_min',
+              'compiled_temp_bytes', 'prng_impl', 'attention_impl', 'attention_dropout', 'scan_layers'}
   assert expected <= set(record), expected - set(record)
   numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)} == {}
   assert record['preset'] == 'tiny' and record['device'] == 'cpu' and record['steps'] == 3
-  assert record['loss_chunk_tokens'] == 64
+  assert record['loss_chunk_tokens'] == 64 and record['prng_impl'] == 'rbg'
+  # The trace: the optimised program, and a per-op table (device timelines only: empty on a CPU).
+  assert 'ENTRY' in (tmp_path / 'hlo.txt').read_text()
+  assert (tmp_path / 'ops.csv').read_text().splitlines()[0] == 'line,op,count,total_us,percent_of_line'
   assert record['datasheet_peak_tflops'] is None  # no data sheet for a CPU
   assert record['tokens_per_sec'] == pytest.approx(TINY.batch * TINY.seq_len / (record['step_ms'] / 1e3))
 
