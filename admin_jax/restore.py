@@ -11,7 +11,6 @@ stays at about two copies of the parameters whatever N is.
 
 import functools
 import json
-import os
 from typing import Any, NamedTuple
 
 from etils import epath
@@ -24,6 +23,7 @@ from admin_jax import cli
 from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
+from admin_jax.data import tokenizer as tokenizer_lib
 from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
@@ -125,7 +125,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer
   Never trains one (unlike tokenizer.load_or_train_tokenizer): a new vocabulary would not match
   the checkpoint.
   """
-  return Tokenizer.load(config.data.spm_model or os.path.join(workdir, 'spm.model'))
+  return Tokenizer.load(config.data.spm_model or epath.Path(workdir) / tokenizer_lib.MODEL_NAME)
 
 
 def checkpoint_tokenizer(checkpoints: checkpoint_lib.Checkpoints, step: int,
