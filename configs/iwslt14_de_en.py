@@ -7,15 +7,12 @@ set. Point data.train/valid/test at the fairseq-prepared files (e.g. .../train r
 
 import ml_collections
 
-from configs import default
 from configs import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   _, residual = recipes.parse_arg(arg, default_layers=6)
-  config = default.get_config()
-  recipes.paper_common(config)
-  config.model.residual = residual
+  config = recipes.paper_config(residual)
   config.model.d_model, config.model.ffn_dim, config.model.num_heads = 512, 1024, 4
   config.model.dropout = 0.3
   config.data.source = 'text'

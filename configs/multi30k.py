@@ -9,15 +9,12 @@ warmup, dropout 0.3 against overfitting; the same recipe for every residual.
 
 import ml_collections
 
-from configs import default
 from configs import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   layers, residual = recipes.parse_arg(arg, default_layers=6)
-  config = default.get_config()
-  recipes.paper_common(config)
-  config.model.residual = residual
+  config = recipes.paper_config(residual)
   config.model.num_encoder_layers = config.model.num_decoder_layers = layers
   config.model.d_model, config.model.ffn_dim, config.model.num_heads = 256, 1024, 4
   config.model.dropout = 0.3

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from configs import default
+
 RESIDUALS = ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm')
 
 
@@ -21,8 +23,11 @@ def parse_arg(arg: str | None, default_layers: int, default_residual: str = 'adm
   return layers, residual
 
 
-def paper_common(config: ml_collections.ConfigDict) -> None:
-  """Settings every recipe shares: RAdam (0.9, 0.98), warmup from 1e-7, smoothing 0.1, no clipping."""
+def paper_config(residual: str) -> ml_collections.ConfigDict:
+  """The default config with `residual` and the settings every recipe shares: RAdam (0.9, 0.98),
+  warmup from 1e-7, smoothing 0.1, no clipping."""
+  config = default.get_config()
+  config.model.residual = residual
   config.train.optimizer = 'radam'
   config.train.b1, config.train.b2, config.train.eps = 0.9, 0.98, 1e-8
   config.train.warmup_init_lr = 1e-7
@@ -32,3 +37,4 @@ def paper_common(config: ml_collections.ConfigDict) -> None:
   config.model.share_embeddings = True
   config.model.attention_dropout = 0.1
   config.model.activation_dropout = 0.1
+  return config

@@ -6,15 +6,12 @@ Recipe (spec 5): lr 7e-4, warmup 8000, dropout 0.1, 8000 tokens x 8 GPUs x 10 ac
 
 import ml_collections
 
-from configs import default
 from configs import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   layers, residual = recipes.parse_arg(arg, default_layers=6)
-  config = default.get_config()
-  recipes.paper_common(config)
-  config.model.residual = residual
+  config = recipes.paper_config(residual)
   config.model.num_encoder_layers = layers
   config.model.num_decoder_layers = 12 if layers == 60 else layers
   config.model.d_model, config.model.ffn_dim, config.model.num_heads = 512, 2048, 8
