@@ -11,7 +11,6 @@ per process (as benchmarks/gpu_bench.sh does) for exact figures.
 """
 
 import collections
-import csv
 import dataclasses
 import glob
 import json
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from admin_jax import files
 from admin_jax import flops
 from admin_jax import optim
 from admin_jax import sharding
@@ -152,12 +152,8 @@ def _trace(compiled, state, micro_batches, directory: str) -> None:
   with jax.profiler.trace(directory):
     _timed_steps(compiled, state, micro_batches, TRACE_STEPS, 'trace')
   rows = device_op_times(directory)
-  with open(os.path.join(directory, 'ops.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['line', 'op', 'count', 'total_us', 'percent_of_line'])
-    writer.writerows(rows)
-  with open(os.path.join(directory, 'hlo.txt'), 'w') as f:
-    f.write(compiled.as_text())
+  files.write_csv(os.path.join(directory, 'ops.csv'), ['line', 'op', 'count', 'total_us', 'percent_of_line'], rows)
+  files.write_text(os.path.join(directory, 'hlo.txt'), compiled.as_text())
   for line, op, count, total_us, percent in rows[:TOP_OPS]:
     logging.info('%-22s %-50s %6d %12.0f us %5.1f%%', line, op, count, total_us, percent)
 

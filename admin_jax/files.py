@@ -1,12 +1,15 @@
 """Whole-file writes to a workdir that may be a local folder or a bucket (gs://, s3://).
 
-Every file a job writes (config.json, metrics.jsonl, omega.json, plots, eval outputs,
-spm.model) goes through `write_bytes` or `write_text`, so readers, including a resumed run
+Every file a job writes (config.json, metrics.jsonl, omega.json, plots, CSV tables, eval
+outputs, spm.model) goes through `write_bytes` or `write_text`, so readers, including a resumed run
 or another process, never see a half-written file, whatever the storage. Reads use
 `etils.epath.Path` directly; orbax writes checkpoints through the same library.
 """
 
+import csv
+import io
 import os
+from collections.abc import Iterable, Sequence
 
 from etils import epath
 
@@ -36,3 +39,12 @@ def write_bytes(path: epath.PathLike, data: bytes) -> None:
 def write_text(path: epath.PathLike, text: str) -> None:
   """`write_bytes` of UTF-8 text."""
   write_bytes(path, text.encode('utf-8'))
+
+
+def write_csv(path: epath.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+  """`write_text` of a CSV table: a header line, then one line per row."""
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text(path, text.getvalue())

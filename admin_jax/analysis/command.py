@@ -1,20 +1,14 @@
-"""What the analysis commands share: flags, the model settings read from --config, output files.
+"""What the analysis commands share: flags, the model settings read from --config, the output folder.
 
 The model commands read the usual `--config=configs/<name>.py [--config.model.KEY=V ...]`
 (size, vocabulary) and compare the residual variants named by `--residuals` on one fixed
 random batch.
 """
 
-import csv
-import io
-from collections.abc import Iterable, Sequence
-
 from absl import flags
-from etils import epath
 import numpy as np
 
 from admin_jax import cli
-from admin_jax import files
 from admin_jax.analysis import probe
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
@@ -57,10 +51,3 @@ def batch(cfg: TransformerConfig) -> dict[str, np.ndarray]:
   """The random batch of --batch_size x --length tokens drawn with --seed."""
   return probe.random_batch(cfg.vocab_size, BATCH_SIZE.value, LENGTH.value, SEED.value)
 
-
-def write_csv(path: epath.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-  text = io.StringIO(newline='')
-  writer = csv.writer(text)
-  writer.writerow(header)
-  writer.writerows(rows)
-  files.write_text(path, text.getvalue())

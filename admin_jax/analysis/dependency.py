@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax import restore
 from admin_jax import train_step
 from admin_jax.analysis import command
@@ -91,7 +92,7 @@ def run(models: Mapping[str, Transformer], batch: Mapping[str, np.ndarray], out:
   betas = {label: dependency(model, batch) for label, model in tqdm(models.items(), desc='dependency')}
   rows = [(label, i, j, float(beta[i - 1, j]))
           for label, beta in betas.items() for i in range(1, beta.shape[0] + 1) for j in range(i + 1)]
-  command.write_csv(f'{out}/dependency.csv', HEADER, rows)
+  files.write_csv(f'{out}/dependency.csv', HEADER, rows)
   plots.plot_dependency(betas, f'{out}/dependency.png')
   return betas
 

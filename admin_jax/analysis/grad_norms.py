@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax.analysis import command
 from admin_jax.analysis import plots
 from admin_jax.analysis import probe
@@ -59,7 +60,7 @@ def run(models: Mapping[str, Transformer], batch: Mapping[str, np.ndarray], out:
   rows = [(label, stack, k, sublayers.kind(stack, k), float(value))
           for label, per_stack in norms.items() for stack, values in per_stack.items()
           for k, value in enumerate(values, start=1)]
-  command.write_csv(f'{out}/grad_norms.csv', HEADER, rows)
+  files.write_csv(f'{out}/grad_norms.csv', HEADER, rows)
   plots.plot_grad_norms(norms, f'{out}/grad_norms.png')
   return rows
 

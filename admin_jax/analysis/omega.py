@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from etils import epath
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax.analysis import command
 from admin_jax.analysis import plots
 from admin_jax.analysis import sublayers
@@ -49,7 +50,7 @@ def run(omegas: Mapping[str, Sequence[float]], out: str) -> list[tuple]:
   """Writes DIR/omega.csv and DIR/omega.png; returns the CSV rows."""
   rows = [(stack, k, sublayers.kind(stack, k), value)
           for stack, values in omegas.items() for k, value in enumerate(values, start=1)]
-  command.write_csv(f'{out}/omega.csv', HEADER, rows)
+  files.write_csv(f'{out}/omega.csv', HEADER, rows)
   plots.plot_omegas(omegas, f'{out}/omega.png')
   return rows
 

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax.analysis import command
 from admin_jax.analysis import plots
 from admin_jax.analysis import probe
@@ -96,7 +97,7 @@ def sweep(cfg: TransformerConfig, residuals: list[str], depths: list[int], seeds
 
 def write(rows: list[tuple], out: str) -> None:
   """DIR/output_change.csv and DIR/output_change.png."""
-  command.write_csv(f'{out}/output_change.csv', HEADER, rows)
+  files.write_csv(f'{out}/output_change.csv', HEADER, rows)
   curves = {}
   for residual, _, sublayers, change in rows:
     xs, ys = curves.setdefault(residual, ([], []))
