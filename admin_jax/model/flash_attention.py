@@ -20,11 +20,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Dropout compares the top 16 bits of the hash with round(rate * 2^16), as layers.dropout does:
-# the drop rate is quantised to 2^-16, and kept values are scaled by 2^16 / (2^16 - threshold),
-# the exact inverse of the quantised keep probability. The top 16 bits compare as non-negative
-# int32, so the kernels need no unsigned arithmetic.
-_LEVELS = 1 << 16
+from admin_jax.model import layers
+
+# Dropout compares the top 16 bits of the hash with layers.dropout_threshold(rate) and scales the
+# kept values by layers.dropout_scale, as layers.dropout does with 16 random bits. The top 16 bits
+# compare as non-negative int32, so the kernels need no unsigned arithmetic.
 _LOG2E = math.log2(math.e)
 # Finite stand-in for -inf on masked logits: exp2 of (masked - max) is 0 or, on a row with no
 # visible key, 1 (zeroed by the visibility mask), never NaN from (-inf) - (-inf).
@@ -78,12 +78,6 @@ def _keep(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, k_
   return lax.shift_right_logical(_multiply_xorshift(x), 16) >= threshold
 
 
-def _threshold(rate: float) -> int:
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
-  return round(rate * _LEVELS)
-
-
 def _seed_operand(seed: jax.Array) -> jax.Array:
   """The seed as a [1] int32 array with the seed's bits (uint32 seeds are bit-cast, not clipped)."""
   seed = jnp.asarray(seed)
@@ -100,7 +94,7 @@ def dropout_keep_mask(seed: jax.Array, shape_bhqk: tuple[int, int, int, int], ra
   batch, heads, q_len, k_len = shape_bhqk
   keys = _dropout_key(_seed_operand(seed)[0], jnp.arange(batch * heads, dtype=jnp.int32))
   rows, cols = jnp.arange(q_len, dtype=jnp.int32), jnp.arange(k_len, dtype=jnp.int32)
-  keep = jax.vmap(lambda *key: _keep(key, rows, cols, k_len, _threshold(rate)))(*keys)
+  keep = jax.vmap(lambda *key: _keep(key, rows, cols, k_len, layers.dropout_threshold(rate)))(*keys)
   return keep.reshape(batch, heads, q_len, k_len)
 
 
@@ -117,7 +111,7 @@ class _Config:
 
   @property
   def scale(self) -> float:
-    return _LEVELS / (_LEVELS - self.threshold)
+    return layers.dropout_scale(self.threshold)
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -415,7 +409,7 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
   k_len = key.shape[1]
   if key.shape[-1] != dim or value.shape != key.shape:
     raise ValueError(f'query {query.shape}, key {key.shape} and value {value.shape} do not match')
-  threshold = 0 if seed is None else _threshold(dropout_rate)
+  threshold = 0 if seed is None else layers.dropout_threshold(dropout_rate)
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   cfg = _Config(causal=causal, threshold=threshold, block_q=_block_size(block_q, q_len),

@@ -11,7 +11,7 @@ from admin_jax.sharding import constrain
 
 LN_EPS = 1e-5  # fairseq/apex; Flax's default 1e-6 changes Post-LN numerics measurably
 POSITION_OFFSET = 2  # fairseq positions start at padding_idx + 1 = 2
-_DROPOUT_LEVELS = 2 ** 16
+_DROPOUT_LEVELS = 2 ** 16  # dropout compares 16 random bits with a threshold
 
 
 def param(init, key: jax.Array, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -41,6 +41,18 @@ def xavier_bound(fan_in: int, fan_out: int) -> float:
   return math.sqrt(6.0 / (fan_in + fan_out))
 
 
+def dropout_threshold(rate: float) -> int:
+  """Dropout drops where 16 random bits are below this: `rate` quantised to 2^-16."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
+  return round(rate * _DROPOUT_LEVELS)
+
+
+def dropout_scale(threshold: int) -> float:
+  """What kept values are multiplied by: the exact inverse of the quantised keep probability."""
+  return _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis).
 
@@ -51,10 +63,10 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """
   if rng is None or rate == 0.0:
     return x
-  threshold = round(rate * _DROPOUT_LEVELS)
+  threshold = dropout_threshold(rate)
   keep = jax.random.bits(rng, x.shape, jnp.uint16) >= threshold
-  scale = _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
-  return jnp.where(keep, (x.astype(jnp.float32) * scale).astype(x.dtype), jnp.zeros_like(x))  # scale in f32: exact
+  scaled = (x.astype(jnp.float32) * dropout_scale(threshold)).astype(x.dtype)  # scale in f32: exact
+  return jnp.where(keep, scaled, jnp.zeros_like(x))
 
 
 class LayerNorm(nnx.Module):
