@@ -5,6 +5,9 @@ random, fully packed rows, so the figures measure the model and not the input pi
 one JSON line per preset on stdout; progress goes to stderr. Omega keeps its initial value
 (no profiling pass): it changes no shape and no FLOP.
 
+With `--target=h100|h200` it compiles the step for that GPU without one (admin_jax/deviceless.py)
+and reports compile time and XLA's memory plan against the card's memory instead of timing steps.
+
 `peak_memory_bytes` from the device's allocator is the process's peak so far, so with several
 presets in one process a later preset reports at least the earlier ones' peak; run one preset
 per process (as benchmarks/gpu_bench.sh does) for exact figures.
@@ -14,17 +17,19 @@ import collections
 import dataclasses
 import glob
 import json
+import math
 import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from admin_jax import cli
+from admin_jax import deviceless
 from admin_jax import files
 from admin_jax import flops
 from admin_jax import optim
@@ -70,7 +75,11 @@ _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'f
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
-                                 'ops.csv (device time per XLA op) and hlo.txt (the optimised program).')
+                                 'ops.csv (device time per XLA op) and hlo.txt (the optimised program); with '
+                                 '--target, hlo.txt only.')
+_TARGET = flags.DEFINE_enum('target', None, list(deviceless.TARGETS),
+                            'Compile only, for this GPU (which this machine need not have): report compile time '
+                            'and memory, time no step.')
 flags.register_validator('preset', lambda names: all(n in PRESETS for n in names),
                          message=f'every preset must be one of {", ".join(PRESETS)}')
 
@@ -180,18 +189,88 @@ def device_op_times(directory: str) -> list[tuple[str, str, int, float, float]]:
   return sorted(rows, key=lambda row: -row[3])
 
 
+def _described(preset: Preset, options: Options) -> dict:
+  """The fields of a record that say what ran."""
+  return {
+      'layers': preset.layers,
+      'd_model': preset.d_model,
+      'ffn_dim': preset.ffn_dim,
+      'num_heads': preset.num_heads,
+      'vocab_size': preset.vocab_size,
+      'seq_len': preset.seq_len,
+      'batch': preset.batch,
+      'dtype': preset.dtype,
+      'remat': options.remat,
+      'loss_chunk_tokens': options.loss_chunk_tokens or None,  # None: the whole batch's logits at once
+      'prng_impl': options.prng_impl,
+      'attention_impl': options.attention_impl,
+      'scan_layers': options.scan_layers,
+      'attention_dropout': options.attention_dropout,
+      'jax': jax.__version__,
+  }
+
+
+def _train_step(preset: Preset, options: Options, devices: list[jax.Device] | None = None):
+  """(jitted train step, Setup, abstract state, micro-batch sharding) of the preset, on a mesh of
+  `devices` (default: all)."""
+  config = default.get_config()
+  config.train.loss_chunk_tokens = options.loss_chunk_tokens
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx, schedule = optim.make_optimizer(config.train)
+  setup, abstract_state = train_step_lib.abstract_train_state(model_config(preset, options), tx, schedule, mesh,
+                                                              config.train.seed, options.prng_impl)
+  batch_sharding = sharding.batch_sharding(mesh, (1, preset.batch, preset.seq_len), micro_batched=True)
+  return train_step_lib.jit_train_step(setup, config.train, batch_sharding), setup, abstract_state, batch_sharding
+
+
+def compile_for_target(name: str, preset: Preset, options: Options, devices: list[jax.Device],
+                       target: deviceless.GpuTarget, hlo_dir: str = '') -> dict:
+  """Compiles the train step of one preset for compile-only `devices` of `target`; returns the record,
+  and writes the optimised program to `hlo_dir`/hlo.txt if given.
+
+  `memory_needed_bytes` is XLA's plan: working memory plus the state and batch, less the donated
+  state that the new one reuses.
+  """
+  step_fn, setup, abstract_state, batch_sharding = _train_step(preset, options, devices)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                       setup.state_shardings)
+  batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=batch_sharding)
+           for k, v in random_packed_batch(preset).items()}
+  with jax.set_mesh(setup.mesh):
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+  if hlo_dir:
+    files.write_text(os.path.join(hlo_dir, 'hlo.txt'), compiled.as_text())
+  plan = compiled.memory_analysis()
+  needed = (plan.temp_size_in_bytes + plan.argument_size_in_bytes + plan.output_size_in_bytes
+            - plan.alias_size_in_bytes)
+  return {
+      'preset': name,
+      'device': devices[0].device_kind,
+      'compile_only': True,
+      'n_devices': len(devices),
+      'compile_seconds': compile_seconds,
+      'compiled_temp_bytes': int(plan.temp_size_in_bytes),
+      'memory_needed_bytes': int(needed),
+      'device_memory_bytes': target.memory_bytes,
+      'allocator_pool_bytes': deviceless.pool_bytes(target),
+      'fits': bool(needed <= deviceless.pool_bytes(target)),
+      'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+      **_described(preset, options),
+  }
+
+
 def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_steps: int, matmul_peak: float,
               trace_dir: str = '') -> dict:
   """Compiles and times the train step of one preset; returns the JSON record."""
-  cfg = model_config(preset, options)
+  step_fn, setup, _, _ = _train_step(preset, options)
   config = default.get_config()
-  config.train.loss_chunk_tokens = options.loss_chunk_tokens
-  mesh = sharding.make_mesh(config.mesh)
-  tx, schedule = optim.make_optimizer(config.train)
-  setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, config.train.seed, options.prng_impl)
+  _, state = train_step_lib.create_train_state(setup.model_cfg, setup.tx, setup.schedule, setup.mesh,
+                                               config.train.seed, options.prng_impl)
   local = {k: v[None] for k, v in random_packed_batch(preset).items()}  # one micro-batch
-  micro_batches = sharding.global_batch(local, mesh, micro_batched=True)
-  step_fn = train_step_lib.jit_train_step(setup, config.train, jax.tree.map(lambda a: a.sharding, micro_batches))
+  micro_batches = sharding.global_batch(local, setup.mesh, micro_batched=True)
+  mesh = setup.mesh
 
   with jax.set_mesh(mesh):
     start = time.perf_counter()
@@ -204,7 +283,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 
   step_s = statistics.median(seconds)
   n_devices = jax.device_count()
-  tflops = flops.training_flops(cfg, preset.batch, preset.seq_len, preset.seq_len) / step_s / 1e12 / n_devices
+  tflops = flops.training_flops(setup.model_cfg, preset.batch, preset.seq_len, preset.seq_len) / step_s / 1e12 / n_devices
   datasheet = flops.datasheet_peak()
   memory, memory_source = _memory(compiled)
   plan = compiled.memory_analysis()
@@ -224,23 +303,9 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
       'peak_memory_source': memory_source,
       'compiled_temp_bytes': int(plan.temp_size_in_bytes),  # the step's own working memory, per compile
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
-      'layers': preset.layers,
-      'd_model': preset.d_model,
-      'ffn_dim': preset.ffn_dim,
-      'num_heads': preset.num_heads,
-      'vocab_size': preset.vocab_size,
-      'seq_len': preset.seq_len,
-      'batch': preset.batch,
-      'dtype': preset.dtype,
-      'remat': options.remat,
-      'loss_chunk_tokens': options.loss_chunk_tokens or None,  # None: the whole batch's logits at once
-      'prng_impl': options.prng_impl,
-      'attention_impl': options.attention_impl,
-      'scan_layers': options.scan_layers,
-      'attention_dropout': options.attention_dropout,
       'steps': steps,
       'warmup_steps': warmup_steps,
-      'jax': jax.__version__,
+      **_described(preset, options),
   }
 
 
@@ -248,8 +313,15 @@ def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value)
-  matmul_peak = flops.measured_matmul_tflops()
   names = _PRESET.value
+  if _TARGET.value:
+    devices = deviceless.compile_only_devices(_TARGET.value)
+    for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
+      hlo_dir = _TRACE_DIR.value if name == names[-1] else ''
+      record = compile_for_target(name, PRESETS[name], options, devices, deviceless.TARGETS[_TARGET.value], hlo_dir)
+      print(json.dumps(record), flush=True)
+    return
+  matmul_peak = flops.measured_matmul_tflops()
   for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
     trace_dir = _TRACE_DIR.value if name == names[-1] else ''
     record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
@@ -257,4 +329,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

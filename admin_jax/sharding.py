@@ -129,7 +129,12 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool =
       raise UserError(f'a batch of {global_shape[1 if micro_batched else 0]} rows does not split over the '
                       f'{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}: make '
                       'data.tokens_per_batch // data.max_len a multiple of it')
-    axes = ((None,) if micro_batched else ()) + ('batch', 'length')
-    spec = logical_to_spec(axes, global_shape, dict(mesh.shape))
-    out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), array, tuple(global_shape))
+    out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape, micro_batched), array,
+                                                       tuple(global_shape))
   return out
+
+
+def batch_sharding(mesh: Mesh, global_shape: Sequence[int], micro_batched: bool = False) -> NamedSharding:
+  """How a global [rows, length] (or [micro_batches, rows, length]) batch array is split."""
+  axes = ((None,) if micro_batched else ()) + ('batch', 'length')
+  return NamedSharding(mesh, logical_to_spec(axes, global_shape, dict(mesh.shape)))

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from admin_jax import bench
+from admin_jax import deviceless
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.model import Transformer
@@ -80,6 +81,42 @@ def test_tiny_preset_prints_one_json_line_with_every_field(tmp_path):
   assert (tmp_path / 'ops.csv').read_text().splitlines()[0] == 'line,op,count,total_us,percent_of_line'
   assert record['datasheet_peak_tflops'] is None  # no data sheet for a CPU
   assert record['tokens_per_sec'] == pytest.approx(TINY.batch * TINY.seq_len / (record['step_ms'] / 1e3))
+
+
+# The CUDA PJRT plugin of the installed jax, kept out of the test environment (`pip install --target
+# .cuda-plugin jax-cuda12-plugin==VERSION`, as .ci/run does): without CUDA or a GPU, XLA compiles for one.
+CUDA_PLUGIN_DIR = REPO / '.cuda-plugin'
+
+
+def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+  command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--target=h100', '--scan_layers', *extra]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
+def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
+  """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program, no step run."""
+  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
+  env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
+  result = _compile_for_h100(env, f'--trace_dir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(result.stdout)
+  assert record['device'] == deviceless.TARGETS['h100'].device_kind and record['compile_only']
+  assert record['scan_layers'] and record['params'] == 232064
+  assert 0 < record['compiled_temp_bytes'] < record['memory_needed_bytes'] < record['allocator_pool_bytes']
+  assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
+  assert 'while(' in (tmp_path / 'hlo.txt').read_text()  # the scanned layers, compiled for the GPU
+  starved = _compile_for_h100(dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION='1e-9'))
+  assert json.loads(starved.stdout)['fits'] is False
+
+
+@pytest.mark.skipif(deviceless.plugin_installed(), reason='the CUDA PJRT plugin is installed in this environment')
+def test_target_without_the_cuda_plugin_is_one_line_error():
+  result = _compile_for_h100(subprocess_env())
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.strip().splitlines() == [
+      f'error: --target=h100 needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '
+      f'pip install jax-cuda12-plugin=={jax.__version__}']
 
 
 def test_bench_keeps_tensorflow_and_grain_off_the_gpu_path():

@@ -48,26 +48,26 @@ class KVCache(NamedTuple):
   value: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _softmax(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """softmax over the last axis in float32, returned in `dtype`.
+@jax.custom_vjp
+def _softmax(logits: jax.Array) -> jax.Array:
+  """softmax over the last axis, computed in float32 and returned in the logits' dtype.
 
-  The backward pass keeps only that `dtype` output, so under bf16 compute the attention
-  probabilities are stored once, in bf16, rather than in float32 as well (jax.nn.softmax keeps
-  its float32 output for the backward pass: a float32 [b, h, q, k] tensor per attention layer).
+  The backward pass keeps only that output, so under bf16 compute the attention probabilities
+  are stored once, in bf16 (jax.nn.softmax keeps its float32 output: a float32 [b, h, q, k]
+  tensor per attention layer), and the logits' gradient is bf16, so that both backward matmuls
+  of q k^T run in bf16 rather than TF32.
   """
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
-def _softmax_forward(logits, dtype):
-  probs = _softmax(logits, dtype)
-  return probs, probs
+def _softmax_forward(logits):
+  probs = _softmax(logits)
+  return probs, layers.as_stored(probs)
 
 
-def _softmax_backward(dtype, probs, grad):
-  del dtype
-  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
-  return (probs * (grad - (grad * probs).sum(-1, keepdims=True)),)
+def _softmax_backward(probs, grad):
+  wide_probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return ((wide_probs * (grad - (grad * wide_probs).sum(-1, keepdims=True))).astype(probs.dtype),)
 
 
 _softmax.defvjp(_softmax_forward, _softmax_backward)
@@ -109,7 +109,11 @@ def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
            dropout_rate: float, rng: jax.Array | None, impl: str = 'xla') -> jax.Array:
-  """softmax(q k^T) v with logits and softmax in float32, by `impl` (see the module docstring).
+  """softmax(q k^T) v by `impl` (see the module docstring).
+
+  The 'xla' path computes the logits in the compute dtype, as the reference's fp16 training and
+  T5X's and MaxText's defaults do, and the softmax in float32. float32 logits would double the
+  bytes of the largest tensors of the step and turn both backward matmuls of q k^T into TF32 ones.
 
   'cudnn' has no dropout: it is only valid with attention dropout off. A single query (a
   decoding step) always takes the 'xla' path: there is nothing to fuse.
@@ -121,9 +125,9 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   """
   mask = visibility.mask()
   if impl == 'xla' or query.shape[1] == 1:
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-    probs = _softmax(jnp.where(mask, logits, _MASKED), value.dtype)
-    return jnp.einsum('bhqk,bkhd->bqhd', layers.dropout(probs, dropout_rate, rng), value)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    probs = _softmax(jnp.where(mask, logits, _MASKED))
+    return jnp.einsum('bhqk,bkhd->bqhd', layers.probability_dropout(probs, dropout_rate, rng), value)
   if impl == 'flash':
     context = _flash(query, key, value, visibility, dropout_rate=dropout_rate, rng=rng)
   else:

@@ -1,5 +1,6 @@
 """Building blocks initialised as the reference fairseq fork does (spec section 3)."""
 
+import functools
 import math
 
 import jax
@@ -53,20 +54,110 @@ def dropout_scale(threshold: int) -> float:
   return _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis).
+def as_stored(residual: jax.Array) -> jax.Array:
+  """`residual`, kept for a backward pass in its own dtype. XLA, allowed excess precision by
+  default, would otherwise read a bf16 residual's float32 source again where the backward pass
+  converts it back to float32, and keep that float32 tensor alive from forward to backward."""
+  return jax.lax.optimization_barrier(residual)
 
-  The mask compares 16 random bits with an integer threshold instead of drawing float uniforms
-  (jax.random.bernoulli): no int-to-float conversion, and half the random bits where the PRNG
-  packs them. The drop rate is quantised to 2^-16, and the kept values are scaled by the exact
-  inverse of the quantised keep probability, so the expectation is unchanged.
-  """
+
+def _keep_mask(rate: float, rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+  """(keep mask, scale of kept values): 16 random bits against an integer threshold instead of
+  float uniforms (jax.random.bernoulli), so no int-to-float conversion and half the random bits
+  where the PRNG packs them. The rate is quantised to 2^-16 and the scale is the exact inverse of
+  the quantised keep probability, so the expectation is unchanged."""
+  threshold = dropout_threshold(rate)
+  return jax.random.bits(rng, shape, jnp.uint16) >= threshold, dropout_scale(threshold)
+
+
+def _scale(x: jax.Array, scale: float) -> jax.Array:
+  return (x.astype(jnp.float32) * scale).astype(x.dtype)  # scaled in float32: exact
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis)."""
   if rng is None or rate == 0.0:
     return x
-  threshold = dropout_threshold(rate)
-  keep = jax.random.bits(rng, x.shape, jnp.uint16) >= threshold
-  scaled = (x.astype(jnp.float32) * dropout_scale(threshold)).astype(x.dtype)  # scale in f32: exact
-  return jnp.where(keep, scaled, jnp.zeros_like(x))
+  keep, scale = _keep_mask(rate, rng, x.shape)
+  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scale_kept(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+  """where(keep, x * scale, 0), whose backward pass reads its output instead of `keep`: the
+  gradient flows where the output is non-zero. Exact wherever a kept zero of x has no gradient
+  of its own (see the callers), and it stores no boolean mask for the backward pass."""
+  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+
+
+def _scale_kept_forward(x, keep, scale):
+  y = _scale_kept(x, keep, scale)
+  return y, y
+
+
+def _scale_kept_backward(scale, y, grad):
+  return jnp.where(y != 0, _scale(grad, scale), jnp.zeros_like(grad)), None
+
+
+_scale_kept.defvjp(_scale_kept_forward, _scale_kept_backward)
+
+
+def relu_dropout(h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """dropout(relu(h)). Its backward pass needs only the output, which the next matmul keeps
+  anyway, instead of two boolean masks (ReLU's and dropout's) of the FFN's widest tensor."""
+  if rng is None or rate == 0.0:
+    return jax.nn.relu(h)
+  keep, scale = _keep_mask(rate, rng, h.shape)
+  return _scale_kept(h, keep & (h > 0), scale)
+
+
+def probability_dropout(probs: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """dropout on softmax outputs, with no boolean mask kept for the backward pass. Exact: where a
+  probability is 0 the softmax's own backward pass multiplies the gradient by that 0."""
+  if rng is None or rate == 0.0:
+    return probs
+  keep, scale = _keep_mask(rate, rng, probs.shape)
+  return _scale_kept(probs, keep, scale)
+
+
+def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(normalised s, mean, 1/std) over the last axis, in float32."""
+  mean = s.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(s - mean).mean(-1, keepdims=True) + LN_EPS)
+  return (s - mean) * rstd, mean, rstd
+
+
+@jax.custom_vjp
+def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
+                        bias: jax.Array) -> jax.Array:
+  """LN(shortcut * x + branch) in float32: the Post-LN, Admin and DeepNorm residual.
+
+  `shortcut` is omega ([d_model]) or a scalar. The backward pass keeps x (float32), the branch
+  output in its own dtype and two statistics per token, and recomputes the rest; differentiated
+  as written it would keep about four float32 [batch, length, d_model] tensors per sublayer,
+  the largest share of a Post-LN model's activation memory under bf16 compute.
+  """
+  return _residual_layer_norm_forward(x, branch, shortcut, scale, bias)[0]
+
+
+def _residual_layer_norm_forward(x, branch, shortcut, scale, bias):
+  normalized, mean, rstd = _normalize(shortcut * x + branch.astype(jnp.float32))
+  return normalized * scale + bias, (x, as_stored(branch), shortcut, scale, mean, rstd)
+
+
+def _residual_layer_norm_backward(saved, grad):
+  x, branch, shortcut, scale, mean, rstd = saved
+  normalized = (shortcut * x + branch.astype(jnp.float32) - mean) * rstd
+  token_axes = tuple(range(grad.ndim - 1))
+  d_scale, d_bias = (grad * normalized).sum(token_axes), grad.sum(token_axes)
+  d_normalized = grad * scale
+  d_sum = rstd * (d_normalized - d_normalized.mean(-1, keepdims=True)
+                  - normalized * (d_normalized * normalized).mean(-1, keepdims=True))
+  d_shortcut = (d_sum * x).sum(token_axes if shortcut.ndim else None).reshape(shortcut.shape)
+  return d_sum * shortcut, d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
+
+
+residual_layer_norm.defvjp(_residual_layer_norm_forward, _residual_layer_norm_backward)
 
 
 class LayerNorm(nnx.Module):
@@ -77,10 +168,7 @@ class LayerNorm(nnx.Module):
     self.bias = param(zeros, rngs.params(), (d_model,), ('norm',))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...] + self.bias[...]
+    return _normalize(x.astype(jnp.float32))[0] * self.scale[...] + self.bias[...]
 
 
 class Embedding(nnx.Module):
@@ -128,6 +216,5 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> jax.Array:
     dtype = x.dtype
     h = jnp.einsum('bld,df->blf', x, self.fc1[...].astype(dtype)) + self.fc1_bias[...].astype(dtype)
-    h = constrain(jax.nn.relu(h), ('batch', 'length', 'mlp'))
-    h = dropout(h, activation_dropout, rng)
+    h = relu_dropout(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng)
     return jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)) + self.fc2_bias[...].astype(dtype)

@@ -130,15 +130,13 @@ class Residual(nnx.Module):
     (x_{k-1}, f_k, x_k) and adds its offset to x_k.
     """
     x = x.astype(jnp.float32)
-    branch = branch.astype(jnp.float32)
     if self.kind == 'pre_ln':
-      output = x + branch
+      output = x + branch.astype(jnp.float32)
     else:
+      shortcut = self.shortcut_scale() if profile is None else profile.r
       if profile is not None:
-        shortcut = profile.r * x
-        r = jnp.sqrt(_variance(shortcut, profile.mask) + _variance(branch, profile.mask))
+        r = jnp.sqrt(_variance(shortcut * x, profile.mask) + _variance(branch, profile.mask))
         profile = Profile(r, profile.mask)
-      else:
-        shortcut = self.shortcut_scale() * x
-      output = self.norm(shortcut + branch)
-    return (output if tap is None else tap(x, branch, output)), profile
+      output = layers.residual_layer_norm(x, branch, jnp.asarray(shortcut, jnp.float32), self.norm.scale[...],
+                                          self.norm.bias[...])
+    return (output if tap is None else tap(x, branch.astype(jnp.float32), output)), profile

@@ -1,0 +1,103 @@
+"""The hand-written backward passes of model/layers.py against differentiation of the plain formulas.
+
+Each memory-lean op must give the gradients of what it replaces, and keep less for the backward
+pass: the second is checked on the residuals that jax.vjp closes over.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from admin_jax.model import layers
+
+SHAPE = (3, 5, 16)  # batch, length, d_model
+
+
+def _plain_residual_layer_norm(x, branch, shortcut, scale, bias):
+  """LN(shortcut * x + branch) as written, for jax.vjp to differentiate."""
+  s = shortcut * x + branch.astype(x.dtype)
+  mean = s.mean(-1, keepdims=True)
+  var = jnp.square(s - mean).mean(-1, keepdims=True)
+  return (s - mean) / jnp.sqrt(var + layers.LN_EPS) * scale + bias
+
+
+def _residual_inputs(rng: np.random.Generator, shortcut_shape: tuple[int, ...], branch_dtype):
+  d = SHAPE[-1]
+  return (rng.normal(0, 1.5, SHAPE).astype(np.float32),
+          jnp.asarray(rng.normal(0, 0.7, SHAPE), branch_dtype),
+          (1.0 + rng.uniform(0, 2, shortcut_shape)).astype(np.float32),
+          rng.normal(1, 0.2, d).astype(np.float32),
+          rng.normal(0, 0.2, d).astype(np.float32))
+
+
+@pytest.mark.parametrize('shortcut_shape', [(SHAPE[-1],), ()], ids=['omega', 'scalar'])
+def test_residual_layer_norm_matches_float64_autodiff(shortcut_shape, np_rng):
+  """Output and all five gradients against jax.vjp of the plain formula in float64 (rtol 1e-5)."""
+  inputs = _residual_inputs(np_rng, shortcut_shape, jnp.float32)
+  cotangent = np_rng.normal(0, 1, SHAPE).astype(np.float32)
+  out, vjp = jax.vjp(layers.residual_layer_norm, *(jnp.asarray(a) for a in inputs))
+  grads = vjp(jnp.asarray(cotangent))
+  with jax.enable_x64():
+    wide = [jnp.asarray(np.asarray(a, np.float64)) for a in inputs]
+    want_out, want_vjp = jax.vjp(_plain_residual_layer_norm, *wide)
+    want_grads = want_vjp(jnp.asarray(cotangent, jnp.float64))
+    want_out, want_grads = np.asarray(want_out), [np.asarray(g) for g in want_grads]
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  for name, got, want in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), grads, want_grads):
+    assert got.shape == want.shape, name
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_residual_layer_norm_keeps_one_float32_tensor(np_rng):
+  """Under bf16 compute the backward pass keeps x (float32) and the bf16 branch, not the four
+  float32 [batch, length, d_model] tensors that differentiating the formula keeps."""
+  x, branch, shortcut, scale, bias = _residual_inputs(np_rng, (SHAPE[-1],), jnp.bfloat16)
+  _, vjp = jax.vjp(layers.residual_layer_norm, x, branch, shortcut, scale, bias)
+  full = sorted(str(a.dtype) for a in jax.tree.leaves(vjp) if a.shape == SHAPE)
+  assert full == ['bfloat16', 'float32']
+  _, plain_vjp = jax.vjp(_plain_residual_layer_norm, x, branch, shortcut, scale, bias)
+  assert sum(a.shape == SHAPE and a.dtype == jnp.float32 for a in jax.tree.leaves(plain_vjp)) >= 3
+
+
+def test_residual_layer_norm_bf16_branch_gradient(np_rng):
+  """The branch's gradient arrives in the branch's dtype and equals the float32 one rounded."""
+  x, branch, shortcut, scale, bias = _residual_inputs(np_rng, (SHAPE[-1],), jnp.bfloat16)
+  cotangent = jnp.asarray(np_rng.normal(0, 1, SHAPE), jnp.float32)
+  _, vjp = jax.vjp(layers.residual_layer_norm, x, branch, shortcut, scale, bias)
+  _, plain_vjp = jax.vjp(_plain_residual_layer_norm, x, branch, shortcut, scale, bias)
+  got, want = vjp(cotangent)[1], plain_vjp(cotangent)[1]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+def _grads_equal(lean, plain, operand, cotangent):
+  out, vjp = jax.vjp(lean, operand)
+  want_out, want_vjp = jax.vjp(plain, operand)
+  np.testing.assert_array_equal(out, want_out)
+  np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-7)
+  return vjp
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_relu_dropout_equals_relu_then_dropout(dtype, np_rng):
+  """Same output and gradient as dropout(relu(h)) with the same key, keeping only the output."""
+  h = jnp.asarray(np_rng.normal(0, 1, (4, 8, 64)), dtype).at[0, 0, :4].set(0.0)  # relu's kink
+  cotangent = jnp.asarray(np_rng.normal(0, 1, h.shape), dtype)
+  rng = jax.random.key(3)
+  vjp = _grads_equal(lambda a: layers.relu_dropout(a, 0.25, rng),
+                     lambda a: layers.dropout(jax.nn.relu(a), 0.25, rng), h, cotangent)
+  assert [a.dtype for a in jax.tree.leaves(vjp)] == [dtype]  # the output alone, no boolean masks
+  np.testing.assert_array_equal(layers.relu_dropout(h, 0.25, None), jax.nn.relu(h))
+
+
+def test_probability_dropout_equals_dropout_through_softmax(np_rng):
+  """Through a softmax with fully masked keys (probabilities exactly 0) the gradient equals
+  plain dropout's, although the backward pass reads the output instead of the mask."""
+  logits = jnp.asarray(np_rng.normal(0, 2, (2, 3, 6, 10)), jnp.float32).at[..., 7:].set(-1e9)
+  cotangent = jnp.asarray(np_rng.normal(0, 1, logits.shape), jnp.float32)
+  rng = jax.random.key(5)
+  softmax = lambda z: jax.nn.softmax(z, axis=-1)
+  vjp = _grads_equal(lambda z: layers.probability_dropout(softmax(z), 0.3, rng),
+                     lambda z: layers.dropout(softmax(z), 0.3, rng), logits, cotangent)
+  assert not any(a.dtype == jnp.bool_ for a in jax.tree.leaves(vjp))
