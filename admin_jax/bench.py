@@ -69,7 +69,7 @@ _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Remateria
 _LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
                                           'Tokens projected onto the vocabulary at a time in the loss (0: all).')
 _PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rbg', 'unsafe_rbg'],
-                               'PRNG that draws the dropout masks.')
+                               'PRNG of the dropout keys (the masks are hashed from them).')
 _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'flash'],
                                     'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '

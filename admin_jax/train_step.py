@@ -59,9 +59,9 @@ def abstract_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransfo
                          prng_impl: str = 'threefry2x32') -> tuple[Setup, TrainState]:
   """The Setup and the state's shapes, allocating and compiling nothing: all a restore needs.
 
-  `prng_impl` draws the dropout masks: threefry2x32 gives the same masks on every mesh; rbg and
-  unsafe_rbg (XLA's RngBitGenerator) cost a fraction of it on GPUs, with masks that may depend on
-  the sharding. Parameters are initialised by threefry whatever it is.
+  `prng_impl` derives each step's dropout keys, from which every dropout call takes one 32-bit
+  seed for its hashed mask (model/dropout.py): the masks are the same on every mesh whichever it
+  is, and it costs next to nothing. Parameters are initialised by threefry whatever it is.
   """
   abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
   graphdef, _ = nnx.split(abstract_model)

@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.loss_chunk_tokens = 0  # >0: project onto the vocabulary this many tokens at a time (saves memory)
   train.grad_accum = 1
   train.seed = 1111
-  train.prng_impl = 'threefry2x32'  # dropout masks: threefry2x32 (same on every mesh) | rbg | unsafe_rbg (faster on GPU)
+  train.prng_impl = 'threefry2x32'  # the dropout keys: threefry2x32 | rbg | unsafe_rbg (masks are hashed from them)
   train.log_every_steps = 100
   train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
 

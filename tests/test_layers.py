@@ -1,7 +1,7 @@
-"""The hand-written backward passes of model/layers.py against differentiation of the plain formulas.
+"""The residual LayerNorm's hand-written backward pass against differentiation of the plain formula.
 
-Each memory-lean op must give the gradients of what it replaces, and keep less for the backward
-pass: the second is checked on the residuals that jax.vjp closes over.
+It must give the gradients of what it replaces, and keep less for the backward pass: the second
+is checked on the residuals that jax.vjp closes over.
 """
 
 import jax
@@ -69,35 +69,3 @@ def test_residual_layer_norm_bf16_branch_gradient(np_rng):
   got, want = vjp(cotangent)[1], plain_vjp(cotangent)[1]
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
-
-
-def _grads_equal(lean, plain, operand, cotangent):
-  out, vjp = jax.vjp(lean, operand)
-  want_out, want_vjp = jax.vjp(plain, operand)
-  np.testing.assert_array_equal(out, want_out)
-  np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-7)
-  return vjp
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_relu_dropout_equals_relu_then_dropout(dtype, np_rng):
-  """Same output and gradient as dropout(relu(h)) with the same key, keeping only the output."""
-  h = jnp.asarray(np_rng.normal(0, 1, (4, 8, 64)), dtype).at[0, 0, :4].set(0.0)  # relu's kink
-  cotangent = jnp.asarray(np_rng.normal(0, 1, h.shape), dtype)
-  rng = jax.random.key(3)
-  vjp = _grads_equal(lambda a: layers.relu_dropout(a, 0.25, rng),
-                     lambda a: layers.dropout(jax.nn.relu(a), 0.25, rng), h, cotangent)
-  assert [a.dtype for a in jax.tree.leaves(vjp)] == [dtype]  # the output alone, no boolean masks
-  np.testing.assert_array_equal(layers.relu_dropout(h, 0.25, None), jax.nn.relu(h))
-
-
-def test_probability_dropout_equals_dropout_through_softmax(np_rng):
-  """Through a softmax with fully masked keys (probabilities exactly 0) the gradient equals
-  plain dropout's, although the backward pass reads the output instead of the mask."""
-  logits = jnp.asarray(np_rng.normal(0, 2, (2, 3, 6, 10)), jnp.float32).at[..., 7:].set(-1e9)
-  cotangent = jnp.asarray(np_rng.normal(0, 1, logits.shape), jnp.float32)
-  rng = jax.random.key(5)
-  softmax = lambda z: jax.nn.softmax(z, axis=-1)
-  vjp = _grads_equal(lambda z: layers.probability_dropout(softmax(z), 0.3, rng),
-                     lambda z: layers.dropout(softmax(z), 0.3, rng), logits, cotangent)
-  assert not any(a.dtype == jnp.bool_ for a in jax.tree.leaves(vjp))

@@ -10,6 +10,7 @@ import pytest
 
 from admin_jax.model import Transformer
 from admin_jax.model import TransformerConfig
+from admin_jax.model import dropout
 from admin_jax.model import layers
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.attention import Visibility
@@ -210,10 +211,10 @@ def test_dropout_rate_and_expectation(prng_impl, dtype):
   """Dropout drops `rate` of the values and keeps the mean: 2^20 draws, 5 standard errors."""
   n, rate = 2 ** 20, 0.1
   x = jnp.full((n,), 3.0, dtype)
-  y = np.asarray(jax.jit(lambda k: layers.dropout(x, rate, k))(jax.random.key(7, impl=prng_impl)), np.float64)
+  y = np.asarray(jax.jit(lambda k: dropout.apply(x, rate, k))(jax.random.key(7, impl=prng_impl)), np.float64)
   dropped = (y == 0).mean()
   assert abs(dropped - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
   assert abs(y.mean() / 3.0 - 1.0) < 5 * math.sqrt(rate / (1 - rate) / n) + (4e-3 if dtype == 'bfloat16' else 1e-6)
-  other = np.asarray(layers.dropout(x, rate, jax.random.key(8, impl=prng_impl)))
+  other = np.asarray(dropout.apply(x, rate, jax.random.key(8, impl=prng_impl)))
   assert ((other == 0) != (y == 0)).mean() > 0.1  # another key, another mask
-  assert layers.dropout(x, rate, None) is x and layers.dropout(x, 0.0, jax.random.key(0)) is x
+  assert dropout.apply(x, rate, None) is x and dropout.apply(x, 0.0, jax.random.key(0)) is x

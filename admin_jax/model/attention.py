@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from admin_jax import sharding
+from admin_jax.model import dropout
 from admin_jax.model import flash_attention
 from admin_jax.model import layers
 from admin_jax.sharding import constrain
@@ -127,7 +128,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   if impl == 'xla' or query.shape[1] == 1:
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
     probs = _softmax(jnp.where(mask, logits, _MASKED))
-    return jnp.einsum('bhqk,bkhd->bqhd', layers.probability_dropout(probs, dropout_rate, rng), value)
+    return jnp.einsum('bhqk,bkhd->bqhd', dropout.apply_to_probabilities(probs, dropout_rate, rng), value)
   if impl == 'flash':
     context = _flash(query, key, value, visibility, dropout_rate=dropout_rate, rng=rng)
   else:

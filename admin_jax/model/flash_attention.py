@@ -20,11 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from admin_jax.model import layers
+from admin_jax.model import dropout
 
-# Dropout compares the top 16 bits of the hash with layers.dropout_threshold(rate) and scales the
-# kept values by layers.dropout_scale, as layers.dropout does with 16 random bits. The top 16 bits
-# compare as non-negative int32, so the kernels need no unsigned arithmetic.
 _LOG2E = math.log2(math.e)
 # Finite stand-in for -inf on masked logits: exp2 of (masked - max) is 0 or, on a row with no
 # visible key, 1 (zeroed by the visibility mask), never NaN from (-inf) - (-inf).
@@ -32,58 +29,14 @@ _MASKED = -1e30
 _MIN_BLOCK = 16  # Triton's tl.dot needs every matmul dimension >= 16
 
 
-def _int32(constant: int) -> int:
-  """A uint32 constant as the int32 with the same bits: the hash runs in int32, whose wrapping
-  multiply and add, xor and logical shift give the same bits as uint32 arithmetic."""
-  return constant - (1 << 32) if constant >= 1 << 31 else constant
-
-
-_MIX_1 = _int32(0x7FEB352D)  # lowbias32's constants (C. Wellons, "Hash function prospector")
-_MIX_2 = _int32(0x846CA68B)
-_GOLDEN = _int32(0x9E3779B9)
-
-
-def _multiply_xorshift(x: jax.Array) -> jax.Array:
-  """lowbias32 without its final xorshift, which changes only the low 16 bits."""
-  x = x ^ lax.shift_right_logical(x, 16)
-  x = x * _MIX_1
-  x = x ^ lax.shift_right_logical(x, 15)
-  return x * _MIX_2
-
-
-def _lowbias32(x: jax.Array) -> jax.Array:
-  """A bijective 32-bit integer finaliser with near-ideal avalanche, int32 bits in and out."""
-  x = _multiply_xorshift(x)
-  return x ^ lax.shift_right_logical(x, 16)
-
-
-def _dropout_key(seed: jax.Array, stream: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(odd multiplier, offset) of one attention matrix's mask; stream = batch * heads + head."""
-  key = _lowbias32(seed + _lowbias32(stream * _GOLDEN + _GOLDEN))
-  return key | 1, _lowbias32(key + _GOLDEN)
-
-
 def _keep(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, k_len: int,
           threshold: int) -> jax.Array:
-  """[len(rows), len(cols)]: True where dropout keeps p[row, col] of the keyed matrix.
-
-  Element c = row * k_len + col hashes to top16(lowbias32(multiplier * c + offset)). The keyed
-  affine map makes each matrix's mask its own permutation of the hash, not a shifted copy of
-  another's (as mix(c ^ key) would), and costs one add per element, as row and column terms are
-  precomputed. About 10 integer operations per element in all: the hash is the kernels' main
-  non-matmul cost, hence one round and only the high bits that lowbias32's last step leaves alone.
-  """
+  """[len(rows), len(cols)]: True where dropout keeps p[row, col] of the keyed matrix, whose
+  element c = row * k_len + col. The row and column terms of the keyed counter are precomputed,
+  so the counter costs one add per element."""
   multiplier, offset = key
-  x = (rows * (k_len * multiplier) + offset)[:, None] + (cols * multiplier)[None, :]
-  return lax.shift_right_logical(_multiply_xorshift(x), 16) >= threshold
-
-
-def _seed_operand(seed: jax.Array) -> jax.Array:
-  """The seed as a [1] int32 array with the seed's bits (uint32 seeds are bit-cast, not clipped)."""
-  seed = jnp.asarray(seed)
-  if seed.dtype == jnp.uint32:
-    seed = lax.bitcast_convert_type(seed, jnp.int32)
-  return seed.astype(jnp.int32).reshape(1)
+  counter = (rows * (k_len * multiplier) + offset)[:, None] + (cols * multiplier)[None, :]
+  return dropout.kept(counter, threshold)
 
 
 def dropout_keep_mask(seed: jax.Array, shape_bhqk: tuple[int, int, int, int], rate: float) -> jax.Array:
@@ -92,9 +45,9 @@ def dropout_keep_mask(seed: jax.Array, shape_bhqk: tuple[int, int, int, int], ra
   Built from the same hash as the kernels, for reference implementations and tests.
   """
   batch, heads, q_len, k_len = shape_bhqk
-  keys = _dropout_key(_seed_operand(seed)[0], jnp.arange(batch * heads, dtype=jnp.int32))
+  keys = dropout.stream_key(dropout.seed_int32(seed), jnp.arange(batch * heads, dtype=jnp.int32))
   rows, cols = jnp.arange(q_len, dtype=jnp.int32), jnp.arange(k_len, dtype=jnp.int32)
-  keep = jax.vmap(lambda *key: _keep(key, rows, cols, k_len, layers.dropout_threshold(rate)))(*keys)
+  keep = jax.vmap(lambda *key: _keep(key, rows, cols, k_len, dropout.threshold(rate)))(*keys)
   return keep.reshape(batch, heads, q_len, k_len)
 
 
@@ -111,7 +64,7 @@ class _Config:
 
   @property
   def scale(self) -> float:
-    return layers.dropout_scale(self.threshold)
+    return dropout.keep_scale(self.threshold)
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -140,7 +93,7 @@ def _program_key(cfg: _Config, seed_ref) -> tuple[jax.Array, jax.Array] | None:
   """
   if not cfg.threshold:
     return None
-  return _dropout_key(seed_ref[0], pl.program_id(0) * cfg.num_heads + pl.program_id(1))
+  return dropout.stream_key(seed_ref[0], pl.program_id(0) * cfg.num_heads + pl.program_id(1))
 
 
 def _tile_keep(cfg: _Config, key: tuple[jax.Array, jax.Array] | None, rows: jax.Array,
@@ -409,7 +362,7 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
   k_len = key.shape[1]
   if key.shape[-1] != dim or value.shape != key.shape:
     raise ValueError(f'query {query.shape}, key {key.shape} and value {value.shape} do not match')
-  threshold = 0 if seed is None else layers.dropout_threshold(dropout_rate)
+  threshold = 0 if seed is None else dropout.threshold(dropout_rate)
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   cfg = _Config(causal=causal, threshold=threshold, block_q=_block_size(block_q, q_len),
@@ -421,5 +374,5 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
   v = _pad(_pad(value, 1, k_padded), 3, dim_padded)
   q_seg = _pad(query_segments.astype(jnp.int32), 1, q_padded)
   k_seg = _pad(key_segments.astype(jnp.int32), 1, k_padded)
-  seed = jnp.zeros((1,), jnp.int32) if seed is None else _seed_operand(seed)
+  seed = jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1)
   return _attention(cfg, seed, q, k, v, q_seg, k_seg)[:, :q_len, :, :dim]

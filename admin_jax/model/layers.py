@@ -1,18 +1,17 @@
 """Building blocks initialised as the reference fairseq fork does (spec section 3)."""
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from admin_jax.model import dropout
 from admin_jax.sharding import LogicalAxes
 from admin_jax.sharding import constrain
 
 LN_EPS = 1e-5  # fairseq/apex; Flax's default 1e-6 changes Post-LN numerics measurably
 POSITION_OFFSET = 2  # fairseq positions start at padding_idx + 1 = 2
-_DROPOUT_LEVELS = 2 ** 16  # dropout compares 16 random bits with a threshold
 
 
 def param(init, key: jax.Array, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -42,82 +41,11 @@ def xavier_bound(fan_in: int, fan_out: int) -> float:
   return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-def dropout_threshold(rate: float) -> int:
-  """Dropout drops where 16 random bits are below this: `rate` quantised to 2^-16."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
-  return round(rate * _DROPOUT_LEVELS)
-
-
-def dropout_scale(threshold: int) -> float:
-  """What kept values are multiplied by: the exact inverse of the quantised keep probability."""
-  return _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
-
-
 def as_stored(residual: jax.Array) -> jax.Array:
   """`residual`, kept for a backward pass in its own dtype. XLA, allowed excess precision by
   default, would otherwise read a bf16 residual's float32 source again where the backward pass
   converts it back to float32, and keep that float32 tensor alive from forward to backward."""
   return jax.lax.optimization_barrier(residual)
-
-
-def _keep_mask(rate: float, rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
-  """(keep mask, scale of kept values): 16 random bits against an integer threshold instead of
-  float uniforms (jax.random.bernoulli), so no int-to-float conversion and half the random bits
-  where the PRNG packs them. The rate is quantised to 2^-16 and the scale is the exact inverse of
-  the quantised keep probability, so the expectation is unchanged."""
-  threshold = dropout_threshold(rate)
-  return jax.random.bits(rng, shape, jnp.uint16) >= threshold, dropout_scale(threshold)
-
-
-def _scale(x: jax.Array, scale: float) -> jax.Array:
-  return (x.astype(jnp.float32) * scale).astype(x.dtype)  # scaled in float32: exact
-
-
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis)."""
-  if rng is None or rate == 0.0:
-    return x
-  keep, scale = _keep_mask(rate, rng, x.shape)
-  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _scale_kept(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
-  """where(keep, x * scale, 0), whose backward pass reads its output instead of `keep`: the
-  gradient flows where the output is non-zero. Exact wherever a kept zero of x has no gradient
-  of its own (see the callers), and it stores no boolean mask for the backward pass."""
-  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
-
-
-def _scale_kept_forward(x, keep, scale):
-  y = _scale_kept(x, keep, scale)
-  return y, y
-
-
-def _scale_kept_backward(scale, y, grad):
-  return jnp.where(y != 0, _scale(grad, scale), jnp.zeros_like(grad)), None
-
-
-_scale_kept.defvjp(_scale_kept_forward, _scale_kept_backward)
-
-
-def relu_dropout(h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """dropout(relu(h)). Its backward pass needs only the output, which the next matmul keeps
-  anyway, instead of two boolean masks (ReLU's and dropout's) of the FFN's widest tensor."""
-  if rng is None or rate == 0.0:
-    return jax.nn.relu(h)
-  keep, scale = _keep_mask(rate, rng, h.shape)
-  return _scale_kept(h, keep & (h > 0), scale)
-
-
-def probability_dropout(probs: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """dropout on softmax outputs, with no boolean mask kept for the backward pass. Exact: where a
-  probability is 0 the softmax's own backward pass multiplies the gradient by that 0."""
-  if rng is None or rate == 0.0:
-    return probs
-  keep, scale = _keep_mask(rate, rng, probs.shape)
-  return _scale_kept(probs, keep, scale)
 
 
 def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -216,5 +144,5 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> jax.Array:
     dtype = x.dtype
     h = jnp.einsum('bld,df->blf', x, self.fc1[...].astype(dtype)) + self.fc1_bias[...].astype(dtype)
-    h = relu_dropout(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng)
+    h = dropout.apply_after_relu(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng)
     return jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)) + self.fc2_bias[...].astype(dtype)

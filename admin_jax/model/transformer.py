@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 import numpy as np
 
+from admin_jax.model import dropout
 from admin_jax.model import layers
 from admin_jax.model.attention import Attention
 from admin_jax.model.attention import KVCache
@@ -58,7 +59,7 @@ def _sublayer(residual: Residual, x: jax.Array, branch: Callable[[jax.Array], ja
   """
   omegas.append(None if profile is None else profile.r)
   f = branch(residual.branch_input(x, cfg.compute_dtype))
-  return residual(x, layers.dropout(f, cfg.dropout, rng), profile, tap)
+  return residual(x, dropout.apply(f, cfg.dropout, rng), profile, tap)
 
 
 class EncoderLayer(nnx.Module):
@@ -208,7 +209,7 @@ class Transformer(nnx.Module):
   def _embed(self, table: layers.Embedding, tokens, positions, segments, rng) -> jax.Array:
     """(sqrt(d) * E[token] + sinusoid) with dropout, in float32: the residual stream's dtype."""
     x = table(tokens, jnp.float32) + layers.sinusoidal_positions(positions, segments, self.cfg.d_model)
-    return constrain(layers.dropout(x, self.cfg.dropout, rng), ('batch', 'length', 'embed'))
+    return constrain(dropout.apply(x, self.cfg.dropout, rng), ('batch', 'length', 'embed'))
 
   def _decoder_table(self) -> layers.Embedding:
     return self.embedding if self.cfg.share_embeddings else self.decoder_embedding
