@@ -106,8 +106,13 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
   assert 0 < record['compiled_temp_bytes'] < record['memory_needed_bytes'] < record['allocator_pool_bytes']
   assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
   assert 'while(' in (tmp_path / 'hlo.txt').read_text()  # the scanned layers, compiled for the GPU
-  starved = _compile_for_h100(dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION='1e-9'))
-  assert json.loads(starved.stdout)['fits'] is False
+
+
+def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
+  h100 = deviceless.TARGETS['h100']
+  assert deviceless.pool_bytes(h100) == int(0.75 * h100.memory_bytes)
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
+  assert deviceless.pool_bytes(h100) == h100.memory_bytes // 2
 
 
 @pytest.mark.skipif(deviceless.plugin_installed(), reason='the CUDA PJRT plugin is installed in this environment')
