@@ -95,17 +95,22 @@ def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.CompletedP
 
 @pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
 def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
-  """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program, no step run."""
+  """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program (with the
+  flash kernels compiled by Triton for it), no step run."""
   env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
   env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
-  result = _compile_for_h100(env, f'--trace_dir={tmp_path}')
+  result = _compile_for_h100(env, '--attention_impl=flash', f'--trace_dir={tmp_path}')
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads(result.stdout)
   assert record['device'] == deviceless.TARGETS['h100'].device_kind and record['compile_only']
   assert record['scan_layers'] and record['params'] == 232064
   assert 0 < record['compiled_temp_bytes'] < record['memory_needed_bytes'] < record['allocator_pool_bytes']
   assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
-  assert 'while(' in (tmp_path / 'hlo.txt').read_text()  # the scanned layers, compiled for the GPU
+  program = (tmp_path / 'hlo.txt').read_text()
+  assert 'while(' in program  # the scanned layers
+  # The flash kernels as Triton, not the interpreter that runs them on this CPU: forward, dQ and
+  # dK/dV for the encoder's and the decoder's self-attention and the cross-attention, in the scan bodies.
+  assert program.count('custom_call_target="__gpu$xla.gpu.triton"') == 9
 
 
 def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):

@@ -356,23 +356,27 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
   recompiling; seed=None or dropout_rate=0 means no dropout. The mask depends on the local batch
   index: under shard_map, fold the shard's index into `seed`, or shards share masks. Lengths and head_dim are padded
   inside to the block sizes (and head_dim to a power of two >= 16), as Triton requires.
-  `interpret=None` runs the Pallas interpreter on non-GPU backends (slow; for tests).
+  `interpret=None` compiles the kernels with Triton for CUDA and runs the Pallas interpreter on
+  other platforms (slow; for tests), by the platform compiled for.
   """
   _, q_len, heads, dim = query.shape
   k_len = key.shape[1]
   if key.shape[-1] != dim or value.shape != key.shape:
     raise ValueError(f'query {query.shape}, key {key.shape} and value {value.shape} do not match')
-  threshold = 0 if seed is None else dropout.threshold(dropout_rate)
-  if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
-  cfg = _Config(causal=causal, threshold=threshold, block_q=_block_size(block_q, q_len),
-                block_k=_block_size(block_k, k_len), num_heads=heads, k_len=k_len, interpret=interpret)
-  q_padded, k_padded = pl.cdiv(q_len, cfg.block_q) * cfg.block_q, pl.cdiv(k_len, cfg.block_k) * cfg.block_k
+  block_q, block_k = _block_size(block_q, q_len), _block_size(block_k, k_len)
+  config = functools.partial(_Config, causal=causal, threshold=0 if seed is None else dropout.threshold(dropout_rate),
+                             block_q=block_q, block_k=block_k, num_heads=heads, k_len=k_len)
+  q_padded, k_padded = pl.cdiv(q_len, block_q) * block_q, pl.cdiv(k_len, block_k) * block_k
   dim_padded = max(_MIN_BLOCK, pl.next_power_of_2(dim))
-  q = _pad(_pad(query, 1, q_padded), 3, dim_padded)
-  k = _pad(_pad(key, 1, k_padded), 3, dim_padded)
-  v = _pad(_pad(value, 1, k_padded), 3, dim_padded)
-  q_seg = _pad(query_segments.astype(jnp.int32), 1, q_padded)
-  k_seg = _pad(key_segments.astype(jnp.int32), 1, k_padded)
-  seed = jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1)
-  return _attention(cfg, seed, q, k, v, q_seg, k_seg)[:, :q_len, :, :dim]
+  operands = (jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1),
+              _pad(_pad(query, 1, q_padded), 3, dim_padded),
+              _pad(_pad(key, 1, k_padded), 3, dim_padded),
+              _pad(_pad(value, 1, k_padded), 3, dim_padded),
+              _pad(query_segments.astype(jnp.int32), 1, q_padded),
+              _pad(key_segments.astype(jnp.int32), 1, k_padded))
+  if interpret is None:  # the platform compiled for decides, which need not be this machine's
+    out = lax.platform_dependent(*operands, cuda=functools.partial(_attention, config(interpret=False)),
+                                 default=functools.partial(_attention, config(interpret=True)))
+  else:
+    out = _attention(config(interpret=interpret), *operands)
+  return out[:, :q_len, :, :dim]
