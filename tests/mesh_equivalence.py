@@ -1,7 +1,8 @@
 """Runs the profiling pass and 5 train steps of a tiny model on several meshes; prints JSON.
 
 Executed in a child process with 8 host CPU devices by test_profiling.py and test_train.py.
-Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh.
+Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh, and
+'PRNG_IMPL/MESH' the dropout keys of another PRNG.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ from conftest import packed_batch
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 ATTENTION_RUNS = [('xla', 0.0, (2, 2, 2)), ('flash', 0.0, (2, 2, 2)), ('flash', 0.1, (2, 2, 2))]
+PRNG_RUNS = [('rbg', (1, 1, 1)), ('rbg', (2, 2, 2))]
 
 
 def main() -> None:
@@ -32,16 +34,17 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batches = [packed_batch(rng, 8, 16, 64, [[5, 11], [16], [7, 9], [3, 4, 9], [16], [12], [2, 14], [8, 8]])
              for _ in range(5)]
-  runs = [('x'.join(map(str, shape)), shape, model_cfg) for shape in MESHES]
+  runs = [('x'.join(map(str, shape)), shape, model_cfg, 'threefry2x32') for shape in MESHES]
   runs += [(f'{impl}/{rate}/{"x".join(map(str, shape))}', shape,
-            dataclasses.replace(model_cfg, attention_impl=impl, attention_dropout=rate))
+            dataclasses.replace(model_cfg, attention_impl=impl, attention_dropout=rate), 'threefry2x32')
            for impl, rate, shape in ATTENTION_RUNS]
+  runs += [(f'{impl}/{"x".join(map(str, shape))}', shape, model_cfg, impl) for impl, shape in PRNG_RUNS]
   results = {}
-  for name, shape, cfg in runs:
+  for name, shape, cfg, prng_impl in runs:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices)
     tx, schedule = optim.make_optimizer(train)
-    setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0)
+    setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0, prng_impl=prng_impl)
     omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
     state = profiling.with_omegas(setup, state, omegas)
     micro = sharding.global_batch({k: v[None] for k, v in batches[0].items()}, mesh, micro_batched=True)
