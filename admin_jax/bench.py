@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import glob
 import json
-import math
 import os
 import statistics
 import time
@@ -84,6 +83,7 @@ flags.register_validator('preset', lambda names: all(n in PRESETS for n in names
                          message=f'every preset must be one of {", ".join(PRESETS)}')
 
 MAX_SEGMENTS = 4
+SEED = default.get_config().train.seed  # of the parameters and dropout keys, as training's
 TRACE_STEPS = 3
 TOP_OPS = 25  # ops logged from a trace
 
@@ -218,7 +218,7 @@ def _train_step(preset: Preset, options: Options, devices: list[jax.Device] | No
   mesh = sharding.make_mesh(config.mesh, devices)
   tx, schedule = optim.make_optimizer(config.train)
   setup, abstract_state = train_step_lib.abstract_train_state(model_config(preset, options), tx, schedule, mesh,
-                                                              config.train.seed, options.prng_impl)
+                                                              SEED, options.prng_impl)
   batch_sharding = sharding.batch_sharding(mesh, (1, preset.batch, preset.seq_len), micro_batched=True)
   return train_step_lib.jit_train_step(setup, config.train, batch_sharding), setup, abstract_state, batch_sharding
 
@@ -245,6 +245,7 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
   plan = compiled.memory_analysis()
   needed = (plan.temp_size_in_bytes + plan.argument_size_in_bytes + plan.output_size_in_bytes
             - plan.alias_size_in_bytes)
+  pool = deviceless.pool_bytes(target)
   return {
       'preset': name,
       'device': devices[0].device_kind,
@@ -254,9 +255,9 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
       'compiled_temp_bytes': int(plan.temp_size_in_bytes),
       'memory_needed_bytes': int(needed),
       'device_memory_bytes': target.memory_bytes,
-      'allocator_pool_bytes': deviceless.pool_bytes(target),
-      'fits': bool(needed <= deviceless.pool_bytes(target)),
-      'params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+      'allocator_pool_bytes': pool,
+      'fits': bool(needed <= pool),
+      'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       **_described(preset, options),
   }
 
@@ -265,14 +266,11 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
               trace_dir: str = '') -> dict:
   """Compiles and times the train step of one preset; returns the JSON record."""
   step_fn, setup, _, _ = _train_step(preset, options)
-  config = default.get_config()
-  _, state = train_step_lib.create_train_state(setup.model_cfg, setup.tx, setup.schedule, setup.mesh,
-                                               config.train.seed, options.prng_impl)
+  state = train_step_lib.initial_state(setup, SEED)
   local = {k: v[None] for k, v in random_packed_batch(preset).items()}  # one micro-batch
   micro_batches = sharding.global_batch(local, setup.mesh, micro_batched=True)
-  mesh = setup.mesh
 
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(setup.mesh):
     start = time.perf_counter()
     compiled = step_fn.lower(state, micro_batches).compile()
     compile_seconds = time.perf_counter() - start
@@ -314,17 +312,16 @@ def main(argv):
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value)
   names = _PRESET.value
-  if _TARGET.value:
-    devices = deviceless.compile_only_devices(_TARGET.value)
-    for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
-      hlo_dir = _TRACE_DIR.value if name == names[-1] else ''
-      record = compile_for_target(name, PRESETS[name], options, devices, deviceless.TARGETS[_TARGET.value], hlo_dir)
-      print(json.dumps(record), flush=True)
-    return
-  matmul_peak = flops.measured_matmul_tflops()
+  # A target's compile-only devices must come before anything starts JAX's backends.
+  devices = deviceless.compile_only_devices(_TARGET.value) if _TARGET.value else None
+  matmul_peak = None if devices else flops.measured_matmul_tflops()
   for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
     trace_dir = _TRACE_DIR.value if name == names[-1] else ''
-    record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
+    if devices:
+      record = compile_for_target(name, PRESETS[name], options, devices, deviceless.TARGETS[_TARGET.value],
+                                  trace_dir)
+    else:
+      record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
     print(json.dumps(record), flush=True)
 
 

@@ -75,9 +75,14 @@ def create_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransform
                        prng_impl: str = 'threefry2x32') -> tuple[Setup, TrainState]:
   """Initialises parameters and optimizer state directly in their shards (never whole on one host)."""
   setup, _ = abstract_train_state(model_cfg, tx, schedule, mesh, seed, prng_impl)
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda: _new_state(model_cfg, tx, seed, prng_impl), out_shardings=setup.state_shardings)()
-  return setup, state
+  return setup, initial_state(setup, seed)
+
+
+def initial_state(setup: Setup, seed: int) -> TrainState:
+  """The state at step 0 of a Setup already made, in its shards."""
+  with jax.set_mesh(setup.mesh):
+    return jax.jit(lambda: _new_state(setup.model_cfg, setup.tx, seed, setup.prng_impl),
+                   out_shardings=setup.state_shardings)()
 
 
 def step_rng(setup: Setup, state: TrainState) -> jax.Array:
