@@ -11,7 +11,6 @@ import pytest
 from admin_jax.model import Transformer
 from admin_jax.model import TransformerConfig
 from admin_jax.model import dropout
-from admin_jax.model import layers
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.attention import Visibility
 from conftest import packed_batch
