@@ -86,12 +86,12 @@ def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   A Pallas call is opaque to XLA's partitioner, hence shard_map. Each shard folds its index into
   the dropout seed, since the kernel's mask depends only on the seed and local positions.
   """
-  seed = jnp.zeros((), jnp.uint32) if rng is None else jax.random.bits(rng, (), jnp.uint32)
+  seed = jnp.zeros((), jnp.int32) if rng is None else dropout.seed_from(rng)
   rate = dropout_rate if rng is not None else 0.0
 
   def local(q, k, v, q_segments, k_segments, seed, shard_axes=()):
     if shard_axes:
-      seed = seed + jax.lax.axis_index(shard_axes).astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+      seed = dropout.fold_in(seed, jax.lax.axis_index(shard_axes))
     return flash_attention.flash_attention(q, k, v, q_segments, k_segments, causal=visibility.causal,
                                            dropout_rate=rate, seed=seed if rate else None)
 

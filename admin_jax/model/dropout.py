@@ -85,8 +85,15 @@ def seed_int32(seed: jax.Array) -> jax.Array:
   return seed.astype(jnp.int32)
 
 
-def _seed(rng: jax.Array) -> jax.Array:
+def seed_from(rng: jax.Array) -> jax.Array:
+  """The int32 seed of one dropout call, drawn from its JAX PRNG key."""
   return seed_int32(jax.random.bits(rng, (), jnp.uint32))
+
+
+def fold_in(seed: jax.Array, index: jax.Array) -> jax.Array:
+  """A seed per shard, for kernels that see only local positions (the flash kernels under
+  shard_map): without it, shards of the batch would share masks."""
+  return seed_int32(seed) + jnp.asarray(index, jnp.int32) * _GOLDEN
 
 
 def keep_mask(seed: jax.Array, shape: tuple[int, ...], drop_threshold: int) -> jax.Array:
@@ -124,7 +131,7 @@ def apply(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; `rng=None` means deterministic (evaluation, decoding, analysis)."""
   if rng is None or rate == 0.0:
     return x
-  return _apply_with_seed(x, _seed(rng), threshold(rate))
+  return _apply_with_seed(x, seed_from(rng), threshold(rate))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -153,7 +160,7 @@ def apply_after_relu(h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Ar
   if rng is None or rate == 0.0:
     return jax.nn.relu(h)
   drop_threshold = threshold(rate)
-  keep = keep_mask(_seed(rng), h.shape, drop_threshold) & (h > 0)
+  keep = keep_mask(seed_from(rng), h.shape, drop_threshold) & (h > 0)
   return _scale_kept(h, keep, keep_scale(drop_threshold))
 
 
@@ -163,4 +170,4 @@ def apply_to_probabilities(probs: jax.Array, rate: float, rng: jax.Array | None)
   if rng is None or rate == 0.0:
     return probs
   drop_threshold = threshold(rate)
-  return _scale_kept(probs, keep_mask(_seed(rng), probs.shape, drop_threshold), keep_scale(drop_threshold))
+  return _scale_kept(probs, keep_mask(seed_from(rng), probs.shape, drop_threshold), keep_scale(drop_threshold))
