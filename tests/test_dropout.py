@@ -5,6 +5,7 @@ would give; the backward passes against differentiation of plain jnp.where dropo
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,41 @@ def test_keep_mask_is_the_same_under_jit_and_for_any_seed_type():
   np.testing.assert_array_equal(mask, dropout.keep_mask(jnp.int32(-1), shape, threshold))
   np.testing.assert_array_equal(mask, jax.jit(dropout.keep_mask, static_argnums=(1, 2))(jnp.int32(-1), shape,
                                                                                          threshold))
+
+
+def _numpy_keep_mask(seed: int, shape: tuple[int, ...], threshold: int) -> np.ndarray:
+  """Independent reference in uint32 NumPy: the top 16 bits of lowbias32's first three steps of
+  multiplier * (row-major index) + offset, against the threshold."""
+  multiplier, offset = (np.asarray(v).view(np.uint32) for v in dropout.stream_key(jnp.int32(seed), 0))
+  c = np.arange(math.prod(shape), dtype=np.uint32) * multiplier + offset
+  c ^= c >> 16
+  c *= np.uint32(0x7FEB352D)
+  c ^= c >> 15
+  c *= np.uint32(0x846CA68B)
+  return ((c >> 16) >= threshold).reshape(shape)
+
+
+@pytest.mark.parametrize('shape', [(1000,), (4, 33, 17), (2, 3, 40, 24)])
+def test_keep_mask_hashes_the_row_major_index(shape):
+  threshold = dropout.threshold(0.3)
+  np.testing.assert_array_equal(dropout.keep_mask(jnp.int32(12345), shape, threshold),
+                                _numpy_keep_mask(12345, shape, threshold))
+
+
+def test_a_scanned_stack_keeps_no_mask_sized_counter_between_layers():
+  """XLA hoists any part of a mask's counter that is the same on every layer out of a scanned
+  stack and keeps it in memory as an int32 array of the mask's shape, which every layer then reads
+  (about 1 GB per mask on big6); the counter must have no such part."""
+  shape = (8, 16, 64, 128)
+
+  def loss(x, keys):
+    return jax.lax.scan(lambda h, key: (jnp.tanh(dropout.apply(h, 0.1, key)), None), x, keys)[0].sum()
+
+  program = jax.jit(jax.grad(loss)).lower(jnp.ones(shape), jax.random.split(jax.random.key(0), 6)).compile()
+  loop_states = [line.split(' while(')[0] for line in program.as_text().splitlines() if ' while(' in line]
+  assert any('f32[8,16,64,128]' in state for state in loop_states), loop_states  # the stack's loops
+  for state in loop_states:
+    assert not re.search(r'[su]32\[8,16,64,128\]', state), state
 
 
 def _plain(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:

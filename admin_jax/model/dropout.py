@@ -99,10 +99,14 @@ def fold_in(seed: jax.Array, index: jax.Array) -> jax.Array:
 def keep_mask(seed: jax.Array, shape: tuple[int, ...], drop_threshold: int) -> jax.Array:
   """The boolean keep-mask of an array of `shape`, element c being its row-major index (mod 2^32)."""
   multiplier, offset = stream_key(seed_int32(seed), 0)
-  strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-  index = sum((lax.broadcasted_iota(jnp.int32, shape, axis) * _int32(stride) for axis, stride in enumerate(strides)),
-              jnp.zeros(shape, jnp.int32))
-  return kept(index * multiplier + offset, drop_threshold)
+  # multiplier * index + offset, summed from one small iota per axis already multiplied by the
+  # (per-call) multiplier: no full-size part of the counter is the same on every call, which XLA
+  # would hoist out of a scanned stack and keep in memory, read again by every layer.
+  counter = jnp.broadcast_to(offset, shape)
+  for axis, size in enumerate(shape):
+    stride = multiplier * _int32(math.prod(shape[axis + 1:]))
+    counter = counter + lax.broadcast_in_dim(lax.iota(jnp.int32, size) * stride, shape, (axis,))
+  return kept(counter, drop_threshold)
 
 
 def _scale(x: jax.Array, scale: float) -> jax.Array:
