@@ -34,6 +34,7 @@ from admin_jax import flops
 from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
+from admin_jax import traffic
 from admin_jax.model import TransformerConfig
 from admin_jax.special_tokens import UNK_ID
 from configs import default
@@ -74,8 +75,8 @@ _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'f
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
-                                 'ops.csv (device time per XLA op) and hlo.txt (the optimised program); with '
-                                 '--target, hlo.txt only.')
+                                 'ops.csv (device time per XLA op), hlo.txt (the optimised program) and '
+                                 'traffic.csv (its estimated memory traffic per op); with --target, the last two.')
 _TARGET = flags.DEFINE_enum('target', None, list(deviceless.TARGETS),
                             'Compile only, for this GPU (which this machine need not have): report compile time '
                             'and memory, time no step.')
@@ -189,6 +190,16 @@ def device_op_times(directory: str) -> list[tuple[str, str, int, float, float]]:
   return sorted(rows, key=lambda row: -row[3])
 
 
+def _planned_traffic(compiled: jax.stages.Compiled, directory: str) -> dict:
+  """The fields of XLA's program's estimated memory traffic (admin_jax/traffic.py); with `directory`,
+  its breakdown by op there as traffic.csv."""
+  ops = traffic.estimate(compiled.as_text())
+  if directory:
+    files.write_csv(os.path.join(directory, 'traffic.csv'), [f.name for f in dataclasses.fields(traffic.OpTraffic)],
+                    [dataclasses.astuple(op) for op in ops])
+  return {'traffic_bytes': traffic.total_bytes(ops), 'traffic_bytes_by_kind': traffic.bytes_by_kind(ops)}
+
+
 def _described(preset: Preset, options: Options) -> dict:
   """The fields of a record that say what ran."""
   return {
@@ -226,7 +237,7 @@ def _train_step(preset: Preset, options: Options, devices: list[jax.Device] | No
 def compile_for_target(name: str, preset: Preset, options: Options, devices: list[jax.Device],
                        target: deviceless.GpuTarget, hlo_dir: str = '') -> dict:
   """Compiles the train step of one preset for compile-only `devices` of `target`; returns the record,
-  and writes the optimised program to `hlo_dir`/hlo.txt if given.
+  and writes the optimised program (hlo.txt) and its traffic by op (traffic.csv) to `hlo_dir` if given.
 
   `memory_needed_bytes` is XLA's plan: working memory plus the state and batch, less the donated
   state that the new one reuses.
@@ -257,6 +268,7 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
       'device_memory_bytes': target.memory_bytes,
       'allocator_pool_bytes': pool,
       'fits': bool(needed <= pool),
+      **_planned_traffic(compiled, hlo_dir),
       'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       **_described(preset, options),
   }
@@ -300,6 +312,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
       'compiled_temp_bytes': int(plan.temp_size_in_bytes),  # the step's own working memory, per compile
+      **_planned_traffic(compiled, trace_dir),
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'steps': steps,
       'warmup_steps': warmup_steps,

@@ -1,8 +1,10 @@
 """The training benchmark runs end to end, and the optimisations it times change no result."""
 
+import csv
 import dataclasses
 import json
 import math
+import pathlib
 import subprocess
 from typing import Any, NamedTuple
 
@@ -70,7 +72,8 @@ def test_tiny_preset_prints_one_json_line_with_every_field(tmp_path):
               'matmul_peak_tflops', 'datasheet_peak_tflops', 'compile_seconds', 'peak_memory_bytes',
               'peak_memory_source', 'params', 'layers', 'd_model', 'ffn_dim', 'num_heads', 'vocab_size',
               'seq_len', 'batch', 'dtype', 'remat', 'steps', 'warmup_steps', 'jax', 'step_ms_min',
-              'compiled_temp_bytes', 'prng_impl', 'attention_impl', 'attention_dropout', 'scan_layers'}
+              'compiled_temp_bytes', 'prng_impl', 'attention_impl', 'attention_dropout', 'scan_layers',
+              'traffic_bytes', 'traffic_bytes_by_kind'}
   assert expected <= set(record), expected - set(record)
   numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)} == {}
@@ -79,8 +82,17 @@ def test_tiny_preset_prints_one_json_line_with_every_field(tmp_path):
   # The trace: the optimised program, and a per-op table (device timelines only: empty on a CPU).
   assert 'ENTRY' in (tmp_path / 'hlo.txt').read_text()
   assert (tmp_path / 'ops.csv').read_text().splitlines()[0] == 'line,op,count,total_us,percent_of_line'
+  assert_traffic_table_adds_up(record, tmp_path / 'traffic.csv')
   assert record['datasheet_peak_tflops'] is None  # no data sheet for a CPU
   assert record['tokens_per_sec'] == pytest.approx(TINY.batch * TINY.seq_len / (record['step_ms'] / 1e3))
+
+
+def assert_traffic_table_adds_up(record: dict, table: pathlib.Path) -> None:
+  """traffic.csv's rows sum to the record's total, as its kinds do."""
+  with table.open() as f:
+    rows = list(csv.DictReader(f))
+  assert rows and sum(int(row['bytes']) for row in rows) == record['traffic_bytes'] > 0
+  assert sum(record['traffic_bytes_by_kind'].values()) == record['traffic_bytes']
 
 
 # The CUDA PJRT plugin of the installed jax, kept out of the test environment (`pip install --target
@@ -111,6 +123,8 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
   # The flash kernels as Triton, not the interpreter that runs them on this CPU: forward, dQ and
   # dK/dV for the encoder's and the decoder's self-attention and the cross-attention, in the scan bodies.
   assert program.count('custom_call_target="__gpu$xla.gpu.triton"') == 9
+  assert_traffic_table_adds_up(record, tmp_path / 'traffic.csv')
+  assert {'gemm', 'custom-call:__gpu$xla.gpu.triton'} <= set(record['traffic_bytes_by_kind'])
 
 
 def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):

@@ -1,0 +1,215 @@
+"""Memory traffic of an optimised XLA program, estimated from its text.
+
+A program compiled for a GPU that this machine lacks (admin_jax/deviceless.py) cannot be timed,
+and its `cost_analysis()` is empty; what it reads and writes is the next best guide to its speed,
+since everything a train step does outside its matmuls is bound by memory bandwidth. The estimate
+counts, for every top-level op that touches memory, the bytes of its operands and of its result:
+an upper bound of HBM traffic that ignores caches, and exact for a fused elementwise op. Loop
+bodies count once per iteration (XLA's known trip count), a fusion that only slices an operand
+counts the slice, and an in-place dynamic-update-slice counts the update, not the whole buffer:
+otherwise a scanned stack would be charged its stacked weights and residuals on every layer.
+"""
+
+import collections
+import dataclasses
+import math
+import re
+
+_COMPUTATION = re.compile(r'^(ENTRY )?%(\S+) .*\{$')
+_INSTRUCTION = re.compile(r'^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
+_ARRAY = re.compile(r'\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+# Ops that move no data of their own: views, tuples and bookkeeping.
+_FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all', 'partition-id',
+                   'replica-id', 'opt-barrier'})
+_SLICES = frozenset({'slice', 'dynamic-slice'})
+
+
+def _array_bytes(shape: str) -> int:
+  """Bytes of every array in an HLO shape (a tuple counts all its elements)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = 8 if dtype == 'pred' else int(re.match(r'[a-z]+(\d+)', dtype).group(1))
+    total += math.prod(int(d) for d in dims.split(',') if d) * bits // 8
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: tuple[str, ...]
+  attributes: str
+  is_root: bool
+  parameter_number: int | None
+
+
+def _split_call(rest: str) -> tuple[str, str]:
+  """(operand list, attributes) of the text after `opcode(`."""
+  depth = 1
+  for i, char in enumerate(rest):
+    depth += {'(': 1, ')': -1}.get(char, 0)
+    if depth == 0:
+      return rest[:i], rest[i + 1:]
+  return rest, ''
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
+  """The program's computations by name, and the entry computation's name."""
+  computations, entry, current = {}, '', None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+      continue
+    instruction = _INSTRUCTION.match(line) if current is not None else None
+    if instruction:
+      root, name, shape, opcode, rest = instruction.groups()
+      operands, attributes = _split_call(rest)
+      number = int(operands) if opcode == 'parameter' else None
+      current.append(_Instruction(name, shape, opcode, tuple(re.findall(r'%([\w.\-]+)', operands)), attributes,
+                                  bool(root), number))
+  return computations, entry
+
+
+def _called(attributes: str, key: str) -> list[str]:
+  match = re.search(key + r'=\{?([^}\s]*)\}?', attributes)
+  return re.findall(r'%([\w.\-]+)', match.group(1)) if match else []
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTraffic:
+  """The traffic of the ops that share a kind, a source op name (layer indices folded) and a result shape."""
+  kind: str
+  op_name: str
+  shape: str
+  count: int
+  bytes: int
+
+
+class _Estimator:
+  """Walks a parsed program from its entry computation, accumulating bytes per (kind, op name, shape)."""
+
+  def __init__(self, hlo_text: str):
+    self.computations, self.entry = _parse(hlo_text)
+    self.shapes = {i.name: i.shape for body in self.computations.values() for i in body}
+    self.totals = collections.Counter()
+    self.counts = collections.Counter()
+
+  def _operand_and_result_bytes(self, instruction: _Instruction) -> int:
+    return _array_bytes(instruction.shape) + sum(_array_bytes(self.shapes.get(o, ''))
+                                                 for o in dict.fromkeys(instruction.operands))
+
+  def _fusion_bytes(self, instruction: _Instruction) -> int:
+    """Operands and result of a fusion, with sliced operands counted as their slices and a root
+    dynamic-update-slice in place (it writes only its update into the operand it aliases)."""
+    fused = self.computations.get(next(iter(_called(instruction.attributes, 'calls')), ''), [])
+    if not fused:
+      return self._operand_and_result_bytes(instruction)
+    by_name = {i.name: i for i in fused}
+    users = collections.defaultdict(list)
+    for i in fused:
+      for operand in i.operands:
+        users[operand].append(i)
+
+    def source(name: str) -> str:
+      while by_name[name].opcode == 'bitcast':
+        name = by_name[name].operands[0]
+      return name
+
+    def uses(name: str) -> list[_Instruction]:
+      """The users of `name`, looking through bitcasts."""
+      return [v for u in users[name] for v in (uses(u.name) if u.opcode == 'bitcast' else [u])]
+
+    root = next((i for i in fused if i.is_root), None)
+    outputs = [by_name[o] for o in root.operands] if root and root.opcode == 'tuple' else [root] if root else []
+    in_place, moved = set(), 0
+    for output in outputs:
+      if output.opcode == 'dynamic-update-slice':
+        in_place.add(source(output.operands[0]))
+        moved += _array_bytes(by_name[output.operands[1]].shape)  # written in place; its sources are read below
+      else:
+        moved += _array_bytes(output.shape)
+    parameters = sorted((i for i in fused if i.opcode == 'parameter'), key=lambda i: i.parameter_number)
+    for operand, parameter in zip(instruction.operands, parameters):
+      if parameter.name in in_place:
+        continue
+      readers = uses(parameter.name)
+      if readers and all(u.opcode in _SLICES and source(u.operands[0]) == parameter.name for u in readers):
+        moved += sum(_array_bytes(u.shape) for u in readers)
+      else:
+        moved += _array_bytes(self.shapes.get(operand, ''))
+    return moved
+
+  def walk(self, computation: str, repeats: int) -> None:
+    for instruction in self.computations.get(computation, []):
+      if instruction.opcode == 'while':
+        trip = _TRIP_COUNT.search(instruction.attributes)
+        for body in _called(instruction.attributes, 'body'):
+          self.walk(body, repeats * (int(trip.group(1)) if trip else 1))
+        continue
+      if instruction.opcode in ('call', 'conditional'):  # a conditional counts all its branches: an upper bound
+        for callee in _called(instruction.attributes, 'to_apply') + _called(instruction.attributes,
+                                                                              'branch_computations'):
+          self.walk(callee, repeats)
+        continue
+      if instruction.opcode in _FREE:
+        continue
+      if instruction.opcode == 'fusion':
+        moved = self._fusion_bytes(instruction)
+      elif instruction.opcode in _SLICES:
+        moved = 2 * _array_bytes(instruction.shape)
+      elif instruction.opcode == 'dynamic-update-slice':
+        moved = 2 * _array_bytes(self.shapes.get(instruction.operands[1], ''))
+      else:
+        moved = self._operand_and_result_bytes(instruction)
+      key = (self._kind(instruction), self._op_name(instruction), re.sub(r'\{[^}]*\}', '', instruction.shape))
+      self.totals[key] += moved * repeats
+      self.counts[key] += repeats
+
+  @staticmethod
+  def _kind(instruction: _Instruction) -> str:
+    """What runs the op: 'gemm' (cuBLAS or a Triton GEMM fusion), 'fusion:kLoop'..., 'custom-call:TARGET',
+    or the opcode (copy, dynamic-update-slice, ...)."""
+    attributes = instruction.attributes
+    if instruction.opcode == 'fusion':
+      if 'gemm_fusion' in attributes or '__cublas' in attributes or '"kind":"__triton_gemm"' in attributes:
+        return 'gemm'
+      kind = re.search(r'kind=(\w+)', attributes)
+      return 'fusion:' + (kind.group(1) if kind else '?')
+    if instruction.opcode == 'custom-call':
+      target = re.search(r'custom_call_target="([^"]*)"', attributes)
+      target = target.group(1) if target else '?'
+      return 'gemm' if 'gemm' in target or 'cublas' in target else 'custom-call:' + target
+    return instruction.opcode
+
+  @staticmethod
+  def _op_name(instruction: _Instruction) -> str:
+    name = _OP_NAME.search(instruction.attributes)
+    return re.sub(r'\d+', '#', name.group(1)) if name else instruction.opcode
+
+
+def estimate(hlo_text: str) -> list[OpTraffic]:
+  """The program's estimated traffic, grouped by kind, source op and shape, largest first."""
+  estimator = _Estimator(hlo_text)
+  estimator.walk(estimator.entry, 1)
+  return sorted((OpTraffic(kind, name, shape, estimator.counts[key], moved)
+                 for key, moved in estimator.totals.items() for kind, name, shape in [key]),
+                key=lambda op: -op.bytes)
+
+
+def total_bytes(ops: list[OpTraffic]) -> int:
+  """The whole program's estimated traffic."""
+  return sum(op.bytes for op in ops)
+
+
+def bytes_by_kind(ops: list[OpTraffic]) -> dict[str, int]:
+  """Traffic per kind of op (gemm, fusion:kLoop, copy, ...), largest first."""
+  kinds = collections.Counter()
+  for op in ops:
+    kinds[op.kind] += op.bytes
+  return dict(kinds.most_common())

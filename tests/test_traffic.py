@@ -1,0 +1,67 @@
+"""The memory-traffic estimate of compiled programs (admin_jax/traffic.py), on programs compiled for
+this CPU whose traffic is known by construction: what an op must read and write at the least."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from admin_jax import traffic
+
+MIB = 2 ** 20
+
+
+def estimated_bytes(function, *args) -> int:
+  return traffic.total_bytes(traffic.estimate(jax.jit(function).lower(*args).compile().as_text()))
+
+
+def test_an_elementwise_op_reads_its_operand_and_writes_its_result():
+  x = jnp.ones((512, 1024), jnp.float32)  # 2 MiB
+  assert estimated_bytes(lambda x: x * 2 + 1, x) == 4 * MIB
+  assert estimated_bytes(lambda x: (x * 2).astype(jnp.bfloat16), x) == 3 * MIB
+
+
+def test_a_loop_counts_its_body_once_per_iteration():
+  carry = jnp.ones((256, 256), jnp.float32)  # 256 KiB
+
+  def loop(length):
+    return lambda c: jax.lax.fori_loop(0, length, lambda i, c: jnp.sin(c) * 2, c)
+
+  per_10 = [estimated_bytes(loop(n), carry) for n in (10, 20, 30)]
+  assert per_10[2] - per_10[1] == per_10[1] - per_10[0]  # linear in the trip count
+  assert per_10[1] - per_10[0] >= 10 * 512 * 2 ** 10  # at least the carry read and written per iteration
+
+
+def test_a_slice_counts_the_slice_not_the_array():
+  stacked = jnp.ones((64, 1024, 256), jnp.float32)  # 64 MiB, 1 MiB per row
+  moved = estimated_bytes(lambda s, i: jax.lax.dynamic_index_in_dim(s, i, keepdims=False) * 2, stacked, 3)
+  assert 2 * MIB <= moved < 3 * MIB
+
+
+def test_a_scan_writes_each_layer_output_into_its_stack_in_place():
+  """The stacked outputs of a scan cost one layer's output per iteration, not the whole stack."""
+  carry = jnp.ones((256, 256), jnp.float32)  # 256 KiB
+
+  def stack(length):
+    return lambda c: jax.lax.scan(lambda c, _: (jnp.sin(c), jnp.cos(c)), c, length=length)
+
+  short, long = estimated_bytes(stack(32), carry), estimated_bytes(stack(64), carry)
+  per_iteration = (long - short) / 32
+  # sin and cos each read and write one carry, the CPU's loop copies the carry, and the stack is
+  # zeroed before the loop (one carry per iteration): 7 carries. A dynamic-update-slice charged its
+  # whole buffer would cost 32 to 64 carries per iteration.
+  assert per_iteration <= 7 * carry.nbytes + 64
+
+
+@pytest.mark.parametrize('text, kind', [
+    ('%f = bf16[8,8]{1,0} fusion(%a), kind=kCustom, calls=%gemm_fusion_dot.1_computation', 'gemm'),
+    ('%f = bf16[8,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_add', 'fusion:kLoop'),
+    ('%f = (bf16[8,8]{1,0}, s8[4]{0}) custom-call(%a), custom_call_target="__cublas$gemm"', 'gemm'),
+    ('%f = bf16[8,8]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton"',
+     'custom-call:__gpu$xla.gpu.triton'),
+    ('%f = bf16[8,8]{1,0} copy(%a)', 'copy'),
+])
+def test_ops_are_grouped_by_what_runs_them(text, kind):
+  program = f'HloModule m\n\nENTRY %main (a: bf16[8,8]) -> bf16[8,8] {{\n  %a = bf16[8,8]{{1,0}} parameter(0)\n  ROOT {text}\n}}\n'
+  ops = traffic.estimate(program)
+  assert [op.kind for op in ops] == [kind]
+  assert ops[0].count == 1 and ops[0].bytes >= 2 * 8 * 8 * 2
