@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (docs/PERF.md) and use less memory; a scan compiles in about half the time, flat in depth.
   # Checkpoints are the same either way.
   model.scan_layers = False
-  model.remat = 'none'  # none | full | dots (save matmul outputs, recompute the rest)
+  model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
   # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). See docs/PERF.md.
   model.attention_impl = 'xla'

@@ -204,6 +204,23 @@ def test_scan_equals_python_loop(remat, np_rng):
                              atol=1e-5, rtol=1e-5)
 
 
+def test_remat_dots_saves_the_flash_kernels_outputs(np_rng):
+  """remat='dots' recomputes a layer's elementwise work in the backward pass but keeps the flash
+  forward kernel's outputs: gradients equal those without remat, and the compiled program runs the
+  forward kernel no more often than without remat (saving only matmul outputs, it ran it twice)."""
+  batch = packed_batch(np_rng, 2, 16, VOCAB, [[7, 9], [16]])
+  cotangent = jnp.asarray(np_rng.normal(size=(2, 16, VOCAB)), jnp.float32)
+  grads, forward_kernels = [], []
+  for remat in ('none', 'dots'):
+    cfg = tiny('admin', attention_impl='flash', dropout=0.1, attention_dropout=0.1, remat=remat, scan_layers=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
+    grad = jax.jit(jax.grad(lambda p: (nnx.merge(graphdef, p)(batch, rng=jax.random.key(1)) * cotangent).sum()))
+    grads.append(grad(params))
+    forward_kernels.append(grad.lower(params).compile().as_text().count('flash_attention_forward'))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+  assert forward_kernels[1] == forward_kernels[0] > 0
+
+
 @pytest.mark.parametrize('prng_impl', ['threefry2x32', 'rbg'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_dropout_rate_and_expectation(prng_impl, dtype):

@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -27,6 +28,10 @@ _LOG2E = math.log2(math.e)
 # visible key, 1 (zeroed by the visibility mask), never NaN from (-inf) - (-inf).
 _MASKED = -1e30
 _MIN_BLOCK = 16  # Triton's tl.dot needs every matmul dimension >= 16
+# Names of the forward kernel's outputs that its backward pass reads: a remat policy that saves
+# them keeps the forward kernel from running a second time in the backward pass.
+OUTPUT_NAME = 'flash_attention_output'
+LOGSUMEXP_NAME = 'flash_attention_logsumexp'
 
 
 def _keep(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, k_len: int,
@@ -314,6 +319,7 @@ def _attention(cfg: _Config, seed, q, k, v, q_seg, k_seg) -> jax.Array:
 
 def _attention_fwd(cfg: _Config, seed, q, k, v, q_seg, k_seg):
   out, lse = _forward(cfg, seed, q, k, v, q_seg, k_seg)
+  out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LOGSUMEXP_NAME)
   return out, (seed, q, k, v, q_seg, k_seg, out, lse)
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 import numpy as np
 
 from admin_jax.model import dropout
+from admin_jax.model import flash_attention
 from admin_jax.model import layers
 from admin_jax.model.attention import Attention
 from admin_jax.model.attention import KVCache
@@ -137,6 +138,13 @@ class DecoderLayer(nnx.Module):
     return x, cache
 
 
+# remat='dots': the outputs of weight matmuls and of the flash attention kernels are saved, the
+# rest (elementwise work, softmax, XLA attention's batched matmuls) recomputed in the backward pass.
+_SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(flash_attention.OUTPUT_NAME, flash_attention.LOGSUMEXP_NAME))
+
+
 class LayerStack(nnx.Module):
   """N identical layers whose parameters are stacked on a leading 'layers' axis.
 
@@ -167,7 +175,7 @@ class LayerStack(nnx.Module):
       return step(nnx.merge(graphdef, layer_params), carry, layer_xs)
 
     if self.remat != 'none':
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == 'dots' else None)
+      policy = _SAVE_MATMUL_OUTPUTS if self.remat == 'dots' else None
       body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
     if self.scan:
       return jax.lax.scan(body, carry, (params, per_layer))
