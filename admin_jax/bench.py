@@ -72,6 +72,8 @@ _PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rb
                                'PRNG of the dropout keys (the masks are hashed from them).')
 _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'flash'],
                                     'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
+_LAYER_NORM_IMPL = flags.DEFINE_enum('layer_norm_impl', 'xla', ['xla', 'pallas'],
+                                     'The residual LayerNorm: XLA fusions or one Pallas kernel each way.')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
@@ -97,6 +99,7 @@ class Options:
   prng_impl: str = 'threefry2x32'
   attention_impl: str = 'xla'
   scan_layers: bool = False
+  layer_norm_impl: str = 'xla'
 
   @property
   def attention_dropout(self) -> float:
@@ -109,7 +112,8 @@ def model_config(preset: Preset, options: Options = Options()) -> TransformerCon
                            num_decoder_layers=preset.layers, d_model=preset.d_model, ffn_dim=preset.ffn_dim,
                            num_heads=preset.num_heads, dtype=preset.dtype, remat=options.remat,
                            attention_impl=options.attention_impl, attention_dropout=options.attention_dropout,
-                           scan_layers=options.scan_layers, max_len=preset.seq_len)
+                           scan_layers=options.scan_layers, layer_norm_impl=options.layer_norm_impl,
+                           max_len=preset.seq_len)
 
 
 def _packed_side(rng: np.random.Generator, segments: np.ndarray, length: int,
@@ -216,6 +220,7 @@ def _described(preset: Preset, options: Options) -> dict:
       'prng_impl': options.prng_impl,
       'attention_impl': options.attention_impl,
       'scan_layers': options.scan_layers,
+      'layer_norm_impl': options.layer_norm_impl,
       'attention_dropout': options.attention_dropout,
       'jax': jax.__version__,
   }
@@ -323,7 +328,8 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
-                    attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value)
+                    attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value,
+                    layer_norm_impl=_LAYER_NORM_IMPL.value)
   names = _PRESET.value
   # A target's compile-only devices must come before anything starts JAX's backends.
   devices = deviceless.compile_only_devices(_TARGET.value) if _TARGET.value else None

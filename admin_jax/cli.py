@@ -31,6 +31,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.remat': ('none', 'full', 'dots'),
     'model.attention_impl': ('xla', 'cudnn', 'flash'),
+    'model.layer_norm_impl': ('xla', 'pallas'),
     'data.source': ('synthetic', 'text', 'tfds'),
     'data.spm_model_type': ('bpe', 'unigram'),
     'train.optimizer': ('radam', 'adam', 'adamw'),

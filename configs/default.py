@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
   # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). See docs/PERF.md.
   model.attention_impl = 'xla'
+  # xla | pallas: the Post-LN/Admin residual LayerNorm as one Pallas kernel each way (Triton on GPUs,
+  # interpreted, hence slow, elsewhere), which reads the float32 residual stream fewer times.
+  model.layer_norm_impl = 'xla'
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'tfds'  # synthetic | text | tfds

@@ -2,7 +2,8 @@
 
 Executed in a child process with 8 host CPU devices by test_profiling.py and test_train.py.
 Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh, and
-'PRNG_IMPL/MESH' the dropout keys of another PRNG.
+'PRNG_IMPL/MESH' the dropout keys of another PRNG, and 'layer_norm_pallas/MESH' the Pallas residual
+LayerNorm under a mesh.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from conftest import packed_batch
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 ATTENTION_RUNS = [('xla', 0.0, (2, 2, 2)), ('flash', 0.0, (2, 2, 2)), ('flash', 0.1, (2, 2, 2))]
 PRNG_RUNS = [('rbg', (1, 1, 1)), ('rbg', (2, 2, 2))]
+LAYER_NORM_MESHES = [(2, 2, 2), (1, 2, 4)]
 
 
 def main() -> None:
@@ -39,6 +41,8 @@ def main() -> None:
             dataclasses.replace(model_cfg, attention_impl=impl, attention_dropout=rate), 'threefry2x32')
            for impl, rate, shape in ATTENTION_RUNS]
   runs += [(f'{impl}/{"x".join(map(str, shape))}', shape, model_cfg, impl) for impl, shape in PRNG_RUNS]
+  runs += [(f'layer_norm_pallas/{"x".join(map(str, shape))}', shape,
+            dataclasses.replace(model_cfg, layer_norm_impl='pallas'), 'threefry2x32') for shape in LAYER_NORM_MESHES]
   results = {}
   for name, shape, cfg, prng_impl in runs:
     devices = jax.devices()[:int(np.prod(shape))]

@@ -1,10 +1,12 @@
 """The training benchmark runs end to end, and the optimisations it times change no result."""
 
+import collections
 import csv
 import dataclasses
 import json
 import math
 import pathlib
+import re
 import subprocess
 from typing import Any, NamedTuple
 
@@ -57,6 +59,7 @@ FAST_PATHS = [
     pytest.param(FastPath({'dtype': 'bfloat16'}, BF16), id='bfloat16'),
     pytest.param(FastPath({'remat': 'full'}, F32), id='remat_full'),
     pytest.param(FastPath({'scan_layers': True}, F32), id='scan'),
+    pytest.param(FastPath({'layer_norm_impl': 'pallas'}, F32), id='pallas_layer_norm'),
 ]
 
 
@@ -108,10 +111,10 @@ def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.CompletedP
 @pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
 def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
   """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program (with the
-  flash kernels compiled by Triton for it), no step run."""
+  Pallas kernels compiled by Triton for it), no step run."""
   env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
   env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
-  result = _compile_for_h100(env, '--attention_impl=flash', f'--trace_dir={tmp_path}')
+  result = _compile_for_h100(env, '--attention_impl=flash', '--layer_norm_impl=pallas', f'--trace_dir={tmp_path}')
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads(result.stdout)
   assert record['device'] == deviceless.TARGETS['h100'].device_kind and record['compile_only']
@@ -120,9 +123,13 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
   assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
   program = (tmp_path / 'hlo.txt').read_text()
   assert 'while(' in program  # the scanned layers
-  # The flash kernels as Triton, not the interpreter that runs them on this CPU: forward, dQ and
-  # dK/dV for the encoder's and the decoder's self-attention and the cross-attention, in the scan bodies.
-  assert program.count('custom_call_target="__gpu$xla.gpu.triton"') == 9
+  # The Pallas kernels as Triton, not the interpreter that runs them on this CPU, in the scan bodies:
+  # flash forward, dQ and dK/dV for the encoder's and the decoder's self-attention and the
+  # cross-attention; the residual LayerNorm forward and backward for the 2 + 3 sublayers.
+  kernels = collections.Counter(re.search(r'(\w+)/pallas_call', line).group(1) for line in program.splitlines()
+                                if 'custom_call_target="__gpu$xla.gpu.triton"' in line)
+  assert kernels == {'flash_attention_forward': 3, 'flash_attention_dq': 3, 'flash_attention_dkv': 3,
+                     'residual_layer_norm_forward': 5, 'residual_layer_norm_backward': 5}, kernels
   assert_traffic_table_adds_up(record, tmp_path / 'traffic.csv')
   assert {'gemm', 'custom-call:__gpu$xla.gpu.triton'} <= set(record['traffic_bytes_by_kind'])
 

@@ -4,6 +4,8 @@ It must give the gradients of what it replaces, and keep less for the backward p
 is checked on the residuals that jax.vjp closes over.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +33,16 @@ def _residual_inputs(rng: np.random.Generator, shortcut_shape: tuple[int, ...], 
           rng.normal(0, 0.2, d).astype(np.float32))
 
 
+IMPLS = ['xla', 'pallas']  # XLA's fusions; the Pallas kernels (layer_norm_kernel.py), interpreted on the CPU
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('shortcut_shape', [(SHAPE[-1],), ()], ids=['omega', 'scalar'])
-def test_residual_layer_norm_matches_float64_autodiff(shortcut_shape, np_rng):
+def test_residual_layer_norm_matches_float64_autodiff(shortcut_shape, impl, np_rng):
   """Output and all five gradients against jax.vjp of the plain formula in float64 (rtol 1e-5)."""
   inputs = _residual_inputs(np_rng, shortcut_shape, jnp.float32)
   cotangent = np_rng.normal(0, 1, SHAPE).astype(np.float32)
-  out, vjp = jax.vjp(layers.residual_layer_norm, *(jnp.asarray(a) for a in inputs))
+  out, vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), *(jnp.asarray(a) for a in inputs))
   grads = vjp(jnp.asarray(cotangent))
   with jax.enable_x64():
     wide = [jnp.asarray(np.asarray(a, np.float64)) for a in inputs]
@@ -60,12 +66,33 @@ def test_residual_layer_norm_keeps_one_float32_tensor(np_rng):
   assert sum(a.shape == SHAPE and a.dtype == jnp.float32 for a in jax.tree.leaves(plain_vjp)) >= 3
 
 
-def test_residual_layer_norm_bf16_branch_gradient(np_rng):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
   """The branch's gradient arrives in the branch's dtype and equals the float32 one rounded."""
   x, branch, shortcut, scale, bias = _residual_inputs(np_rng, (SHAPE[-1],), jnp.bfloat16)
   cotangent = jnp.asarray(np_rng.normal(0, 1, SHAPE), jnp.float32)
-  _, vjp = jax.vjp(layers.residual_layer_norm, x, branch, shortcut, scale, bias)
+  _, vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale, bias)
   _, plain_vjp = jax.vjp(_plain_residual_layer_norm, x, branch, shortcut, scale, bias)
   got, want = vjp(cotangent)[1], plain_vjp(cotangent)[1]
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+def test_pallas_residual_layer_norm_pads_rows_to_its_block(np_rng):
+  """Rows that do not fill the kernel's last block (37 x 3 rows of 64, blocks of 128 rows) give
+  the XLA path's output and gradients."""
+  shape = (3, 37, 64)
+  x, branch, cotangent = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(3))
+  shortcut, scale, bias = (jnp.asarray(np_rng.uniform(0.5, 2, 64), jnp.float32) for _ in range(3))
+  results = [jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale, bias)
+             for impl in IMPLS]
+  (want, want_vjp), (got, got_vjp) = results
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for name, g, w in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
+def test_pallas_residual_layer_norm_needs_a_power_of_two_width():
+  x = jnp.ones((2, 3, 24))
+  with pytest.raises(ValueError, match='power-of-two model dimension, got 24'):
+    layers.residual_layer_norm(x, x, jnp.ones(()), jnp.ones(24), jnp.zeros(24), impl='pallas')

@@ -23,6 +23,7 @@ class TransformerConfig:
   scan_layers: bool = True
   remat: str = 'none'
   attention_impl: str = 'xla'  # xla | cudnn | flash (model/attention.py)
+  layer_norm_impl: str = 'xla'  # xla | pallas (model/layer_norm_kernel.py): the Post-LN/Admin residual LayerNorm
   max_len: int = 256
 
   @property

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from admin_jax import sharding
 from admin_jax.model import dropout
+from admin_jax.model import layer_norm_kernel
 from admin_jax.sharding import LogicalAxes
 from admin_jax.sharding import constrain
 
@@ -55,16 +57,36 @@ def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return (s - mean) * rstd, mean, rstd
 
 
-@jax.custom_vjp
 def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array) -> jax.Array:
+                        bias: jax.Array, impl: str = 'xla') -> jax.Array:
   """LN(shortcut * x + branch) in float32: the Post-LN, Admin and DeepNorm residual.
 
   `shortcut` is omega ([d_model]) or a scalar. The backward pass keeps x (float32), the branch
   output in its own dtype and two statistics per token, and recomputes the rest; differentiated
   as written it would keep about four float32 [batch, length, d_model] tensors per sublayer,
-  the largest share of a Post-LN model's activation memory under bf16 compute.
+  the largest share of a Post-LN model's activation memory under bf16 compute. `impl` 'xla'
+  leaves the passes to XLA's fusions; 'pallas' runs one kernel each way (layer_norm_kernel.py),
+  which reads the residual stream fewer times.
   """
+  if impl == 'pallas':
+    return _pallas_residual_layer_norm(x, branch, shortcut, scale, bias)
+  return _xla_residual_layer_norm(x, branch, shortcut, scale, bias)
+
+
+def _pallas_residual_layer_norm(x, branch, shortcut, scale, bias):
+  """layer_norm_kernel on each device's rows under the current mesh: a Pallas call is opaque to
+  XLA's partitioner, hence shard_map over the batch and length, with whole rows on every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return layer_norm_kernel.residual_layer_norm(x, branch, shortcut, scale, bias)
+  spec = sharding.logical_to_spec(('batch', 'length', 'embed'), x.shape, dict(mesh.shape))
+  rows = jax.P(spec[0], spec[1], None)
+  return jax.shard_map(layer_norm_kernel.residual_layer_norm, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()),
+                       out_specs=rows, check_vma=False)(x, branch, shortcut, scale, bias)
+
+
+@jax.custom_vjp
+def _xla_residual_layer_norm(x, branch, shortcut, scale, bias):
   return _residual_layer_norm_forward(x, branch, shortcut, scale, bias)[0]
 
 
@@ -85,7 +107,7 @@ def _residual_layer_norm_backward(saved, grad):
   return d_sum * shortcut, d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
 
 
-residual_layer_norm.defvjp(_residual_layer_norm_forward, _residual_layer_norm_backward)
+_xla_residual_layer_norm.defvjp(_residual_layer_norm_forward, _residual_layer_norm_backward)
 
 
 class LayerNorm(nnx.Module):

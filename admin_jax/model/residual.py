@@ -103,10 +103,12 @@ class Tap:
 class Residual(nnx.Module):
   """The shortcut and normalisation around one sublayer's branch."""
 
-  def __init__(self, kind: str, d_model: int, *, shortcut: float = 1.0, rngs: nnx.Rngs):
+  def __init__(self, kind: str, d_model: int, *, shortcut: float = 1.0, layer_norm_impl: str = 'xla',
+               rngs: nnx.Rngs):
     if kind not in RESIDUALS:
       raise ValueError(f'unknown residual {kind!r}; expected one of {RESIDUALS}')
     self.kind = kind
+    self.layer_norm_impl = layer_norm_impl
     self.norm = layers.LayerNorm(d_model, rngs=rngs)
     if kind in ADMIN_RESIDUALS:
       self.omega = nnx.Param(jnp.full((d_model,), shortcut, jnp.float32), logical_axes=('norm',))
@@ -138,5 +140,5 @@ class Residual(nnx.Module):
         r = jnp.sqrt(_variance(shortcut * x, profile.mask) + _variance(branch, profile.mask))
         profile = Profile(r, profile.mask)
       output = layers.residual_layer_norm(x, branch, jnp.asarray(shortcut, jnp.float32), self.norm.scale[...],
-                                          self.norm.bias[...])
+                                          self.norm.bias[...], self.layer_norm_impl)
     return (output if tap is None else tap(x, branch.astype(jnp.float32), output)), profile

@@ -68,9 +68,11 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
     self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
+                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
-    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
+                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, visibility: Visibility, rng: jax.Array | None, profile: Profile | None,
@@ -93,11 +95,14 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
     self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
+                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
     self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
+                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
-    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut, rngs=rngs)
+    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
+                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
     self.cfg = cfg
 
   def _cross_and_ffn(self, x, memory_kv: KVCache, cross: Visibility, rngs, profile, omegas, tap=None):

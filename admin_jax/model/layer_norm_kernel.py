@@ -1,0 +1,143 @@
+"""The residual LayerNorm LN(shortcut * x + branch) of Post-LN, Admin and DeepNorm as Pallas kernels.
+
+XLA splits this LayerNorm into several passes over the float32 residual stream: statistics, then
+normalisation, in the forward pass; in the backward pass the input gradient and, separately, the
+column sums for the gain, bias and omega gradients, each reading the stream and the branch output
+again. In the plans of the big6 step that is about a third of all its memory traffic (docs/PERF.md).
+Here one kernel reads x and the branch once and writes the output and two statistics per token;
+one backward kernel reads the output gradient, x and the branch once and writes both input
+gradients and, per block of rows, partial sums of the three parameter gradients (summed after).
+
+Float32 throughout, as `layers.residual_layer_norm`, whose results these equal to rounding.
+`interpret=None` compiles with Triton for CUDA and runs the Pallas interpreter elsewhere (tests).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+LN_EPS = 1e-5
+_BLOCK_ELEMENTS = 8192  # rows per program: this many elements of [rows, d_model] (a Triton block)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  block_rows: int
+  interpret: bool
+
+
+def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref):
+  s = shortcut_ref[...][None, :] * x_ref[...] + branch_ref[...].astype(jnp.float32)
+  mean = jnp.mean(s, axis=1)
+  centred = s - mean[:, None]
+  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + LN_EPS)
+  y_ref[...] = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
+  mean_ref[...] = mean
+  rstd_ref[...] = rstd
+
+
+def _backward_kernel(grad_ref, x_ref, branch_ref, shortcut_ref, scale_ref, mean_ref, rstd_ref,
+                     d_x_ref, d_branch_ref, d_shortcut_ref, d_scale_ref, d_bias_ref):
+  x, shortcut, grad = x_ref[...], shortcut_ref[...][None, :], grad_ref[...]
+  rstd = rstd_ref[...][:, None]
+  normalized = (shortcut * x + branch_ref[...].astype(jnp.float32) - mean_ref[...][:, None]) * rstd
+  d_normalized = grad * scale_ref[...][None, :]
+  d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
+                  - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
+  d_x_ref[...] = d_sum * shortcut
+  d_branch_ref[...] = d_sum.astype(d_branch_ref.dtype)
+  d_shortcut_ref[...] = jnp.sum(d_sum * x, axis=0)
+  d_scale_ref[...] = jnp.sum(grad * normalized, axis=0)
+  d_bias_ref[...] = jnp.sum(grad, axis=0)
+
+
+def _row_block(cfg: _Config, d: int) -> pl.BlockSpec:
+  return pl.BlockSpec((cfg.block_rows, d), lambda i: (i, 0))
+
+
+def _per_row(cfg: _Config) -> pl.BlockSpec:
+  return pl.BlockSpec((cfg.block_rows,), lambda i: (i,))
+
+
+def _vector(d: int) -> pl.BlockSpec:
+  return pl.BlockSpec((d,), lambda i: (0,))
+
+
+def _partial_sum(d: int) -> pl.BlockSpec:
+  return pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
+
+
+def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name: str):
+  return pl.pallas_call(kernel, grid=(rows // cfg.block_rows,), in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, interpret=cfg.interpret, name=name,
+                        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))
+
+
+def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
+  rows, d = x.shape
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  return _call(_forward_kernel, cfg, rows,
+               in_specs=[_row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d), _vector(d)],
+               out_specs=[_row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
+               out_shape=[f32((rows, d)), f32((rows,)), f32((rows,))],
+               name='residual_layer_norm_forward')(x, branch, shortcut, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_norm(cfg: _Config, x, branch, shortcut, scale, bias):
+  return _forward(cfg, x, branch, shortcut, scale, bias)[0]
+
+
+def _layer_norm_fwd(cfg: _Config, x, branch, shortcut, scale, bias):
+  y, mean, rstd = _forward(cfg, x, branch, shortcut, scale, bias)
+  return y, (x, branch, shortcut, scale, mean, rstd)
+
+
+def _layer_norm_bwd(cfg: _Config, saved, grad):
+  x, branch, shortcut, scale, mean, rstd = saved
+  rows, d = x.shape
+  blocks = rows // cfg.block_rows
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  d_x, d_branch, *partial_sums = _call(
+      _backward_kernel, cfg, rows,
+      in_specs=[_row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d),
+                _per_row(cfg), _per_row(cfg)],
+      out_specs=[_row_block(cfg, d), _row_block(cfg, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
+      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((blocks, d)), f32((blocks, d)),
+                 f32((blocks, d))],
+      name='residual_layer_norm_backward')(grad, x, branch, shortcut, scale, mean, rstd)
+  d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
+  return d_x, d_branch, d_shortcut, d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
+                        bias: jax.Array, *, interpret: bool | None = None) -> jax.Array:
+  """LN(shortcut * x + branch) * scale + bias over the last axis, float32 out.
+
+  x is float32 [..., d], branch any float dtype of the same shape, shortcut a scalar or [d], scale
+  and bias [d]; d must be a power of two (a Triton block). Rows are padded to the block inside.
+  """
+  d = x.shape[-1]
+  if d & (d - 1):
+    raise ValueError(f'the Pallas residual LayerNorm needs a power-of-two model dimension, got {d}')
+  rows = x.size // d
+  block_rows = min(max(1, _BLOCK_ELEMENTS // d), pl.next_power_of_2(rows))
+  padded = pl.cdiv(rows, block_rows) * block_rows
+  pad = lambda a: jnp.pad(a.reshape(rows, d), ((0, padded - rows), (0, 0)))
+  vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
+  operands = (pad(x.astype(jnp.float32)), pad(branch), vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  if interpret is None:  # the platform compiled for decides, which need not be this machine's
+    y = lax.platform_dependent(
+        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, interpret=False)),
+        default=functools.partial(_layer_norm, _Config(block_rows, interpret=True)))
+  else:
+    y = _layer_norm(_Config(block_rows, interpret), *operands)
+  return y[:rows].reshape(x.shape)
