@@ -277,11 +277,10 @@ def test_dropout_masks_are_the_same_on_every_mesh_with_rbg_keys(mesh_results):
   assert one != mesh_results['1x1x1']['losses']
 
 
-@pytest.mark.parametrize('mesh', ['2x2x2', '1x2x4'])
-def test_pallas_layer_norm_trains_under_a_mesh(mesh_results, mesh):
+def test_pallas_layer_norm_trains_under_a_mesh(mesh_results):
   """The Pallas residual LayerNorm runs per shard of rows under shard_map, its parameter gradients
   summed over the shards: the same omegas and losses as one device with XLA's LayerNorm."""
-  pallas, one = mesh_results[f'layer_norm_pallas/{mesh}'], mesh_results['1x1x1']
+  pallas, one = mesh_results['layer_norm_pallas/2x2x2'], mesh_results['1x1x1']
   np.testing.assert_allclose(pallas['losses'], one['losses'], rtol=1e-5)
   for stack, omegas in one['omegas'].items():
     np.testing.assert_allclose(pallas['omegas'][stack], omegas, rtol=1e-5)
