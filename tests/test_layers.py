@@ -79,7 +79,7 @@ def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
 
 
 def test_pallas_residual_layer_norm_pads_rows_to_its_block(np_rng):
-  """Rows that do not fill the kernel's last block (37 x 3 rows of 64, blocks of 128 rows) give
+  """Rows that do not fill the kernel's last block (37 x 3 rows of 64, blocks of 64 rows) give
   the XLA path's output and gradients."""
   shape = (3, 37, 64)
   x, branch, cotangent = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(3))

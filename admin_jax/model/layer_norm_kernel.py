@@ -22,7 +22,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 LN_EPS = 1e-5
-_BLOCK_ELEMENTS = 8192  # rows per program: this many elements of [rows, d_model] (a Triton block)
+# Rows per program: this many elements of [rows, d_model]. Small enough that the backward pass's six
+# live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per thread each), large
+# enough that the per-block partial sums (3 x 4 bytes x d_model per block) stay a small share of its
+# traffic (a sixth on big6).
+_BLOCK_ELEMENTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +76,10 @@ def _partial_sum(d: int) -> pl.BlockSpec:
   return pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
 
 
-def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name: str):
+def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name: str, num_warps: int):
   return pl.pallas_call(kernel, grid=(rows // cfg.block_rows,), in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=cfg.interpret, name=name,
-                        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))
+                        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
 
 
 def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
@@ -85,7 +89,7 @@ def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
                in_specs=[_row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d), _vector(d)],
                out_specs=[_row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
                out_shape=[f32((rows, d)), f32((rows,)), f32((rows,))],
-               name='residual_layer_norm_forward')(x, branch, shortcut, scale, bias)
+               name='residual_layer_norm_forward', num_warps=4)(x, branch, shortcut, scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -110,7 +114,7 @@ def _layer_norm_bwd(cfg: _Config, saved, grad):
       out_specs=[_row_block(cfg, d), _row_block(cfg, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
       out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((blocks, d)), f32((blocks, d)),
                  f32((blocks, d))],
-      name='residual_layer_norm_backward')(grad, x, branch, shortcut, scale, mean, rstd)
+      name='residual_layer_norm_backward', num_warps=8)(grad, x, branch, shortcut, scale, mean, rstd)
   d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
   return d_x, d_branch, d_shortcut, d_scale, d_bias
 
