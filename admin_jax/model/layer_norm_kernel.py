@@ -21,7 +21,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-LN_EPS = 1e-5
 # Rows per program: this many elements of [rows, d_model]. Small enough that the backward pass's six
 # live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per thread each), large
 # enough that the per-block partial sums (3 x 4 bytes x d_model per block) stay a small share of its
@@ -32,14 +31,16 @@ _BLOCK_ELEMENTS = 4096
 @dataclasses.dataclass(frozen=True)
 class _Config:
   block_rows: int
+  eps: float
   interpret: bool
 
 
-def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref):
+def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *,
+                    eps: float):
   s = shortcut_ref[...][None, :] * x_ref[...] + branch_ref[...].astype(jnp.float32)
   mean = jnp.mean(s, axis=1)
   centred = s - mean[:, None]
-  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + LN_EPS)
+  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + eps)
   y_ref[...] = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
   mean_ref[...] = mean
   rstd_ref[...] = rstd
@@ -85,7 +86,7 @@ def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name:
 def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-  return _call(_forward_kernel, cfg, rows,
+  return _call(functools.partial(_forward_kernel, eps=cfg.eps), cfg, rows,
                in_specs=[_row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d), _vector(d)],
                out_specs=[_row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
                out_shape=[f32((rows, d)), f32((rows,)), f32((rows,))],
@@ -123,8 +124,8 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array, *, interpret: bool | None = None) -> jax.Array:
-  """LN(shortcut * x + branch) * scale + bias over the last axis, float32 out.
+                        bias: jax.Array, *, eps: float, interpret: bool | None = None) -> jax.Array:
+  """LN(shortcut * x + branch) * scale + bias over the last axis (variance + eps), float32 out.
 
   x is float32 [..., d], branch any float dtype of the same shape, shortcut a scalar or [d], scale
   and bias [d]; d must be a power of two (a Triton block). Rows are padded to the block inside.
@@ -140,8 +141,8 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, sc
   operands = (pad(x.astype(jnp.float32)), pad(branch), vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
     y = lax.platform_dependent(
-        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, interpret=False)),
-        default=functools.partial(_layer_norm, _Config(block_rows, interpret=True)))
+        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=False)),
+        default=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=True)))
   else:
-    y = _layer_norm(_Config(block_rows, interpret), *operands)
+    y = _layer_norm(_Config(block_rows, eps, interpret), *operands)
   return y[:rows].reshape(x.shape)

@@ -1,5 +1,6 @@
 """Building blocks initialised as the reference fairseq fork does (spec section 3)."""
 
+import functools
 import math
 
 import jax
@@ -76,13 +77,14 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, sc
 def _pallas_residual_layer_norm(x, branch, shortcut, scale, bias):
   """layer_norm_kernel on each device's rows under the current mesh: a Pallas call is opaque to
   XLA's partitioner, hence shard_map over the batch and length, with whole rows on every device."""
+  kernel = functools.partial(layer_norm_kernel.residual_layer_norm, eps=LN_EPS)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return layer_norm_kernel.residual_layer_norm(x, branch, shortcut, scale, bias)
+    return kernel(x, branch, shortcut, scale, bias)
   spec = sharding.logical_to_spec(('batch', 'length', 'embed'), x.shape, dict(mesh.shape))
   rows = jax.P(spec[0], spec[1], None)
-  return jax.shard_map(layer_norm_kernel.residual_layer_norm, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()),
-                       out_specs=rows, check_vma=False)(x, branch, shortcut, scale, bias)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()), out_specs=rows,
+                       check_vma=False)(x, branch, shortcut, scale, bias)
 
 
 @jax.custom_vjp
