@@ -90,6 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     '(jax.nn.dot_product_attention has no dropout)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
+  if config.model.layer_norm_impl == 'pallas' and config.model.d_model & (config.model.d_model - 1):
+    raise UserError(f"config model.layer_norm_impl='pallas' needs a power-of-two model.d_model "
+                    f'(a Triton block), got {config.model.d_model}')
 
 
 def load_config() -> ml_collections.ConfigDict:

@@ -251,6 +251,15 @@ def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_pallas_layer_norm_needs_a_power_of_two_width():
+  config = demo.get_config()
+  config.model.update(layer_norm_impl='pallas', d_model=384, num_heads=4)
+  with pytest.raises(UserError, match="layer_norm_impl='pallas' needs a power-of-two model.d_model"):
+    cli.validate(config)
+  config.model.d_model = 256
+  cli.validate(config)
+
+
 @pytest.mark.parametrize('name, arg, layers, residual', [
     ('default', None, (6, 6), 'admin'), ('demo', None, (3, 3), 'admin'),
     ('wmt14_en_de', '18,post_ln', (18, 18), 'post_ln'), ('wmt14_en_de', '12', (12, 12), 'admin'),
