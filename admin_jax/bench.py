@@ -162,12 +162,11 @@ def _timed_steps(compiled, state, micro_batches, count: int, desc: str) -> tuple
 
 
 def _trace(compiled, state, micro_batches, directory: str) -> None:
-  """Traces TRACE_STEPS steps into `directory` and writes ops.csv and hlo.txt beside the trace."""
+  """Traces TRACE_STEPS steps into `directory` and writes ops.csv beside the trace."""
   with jax.profiler.trace(directory):
     _timed_steps(compiled, state, micro_batches, TRACE_STEPS, 'trace')
   rows = device_op_times(directory)
   files.write_csv(os.path.join(directory, 'ops.csv'), ['line', 'op', 'count', 'total_us', 'percent_of_line'], rows)
-  files.write_text(os.path.join(directory, 'hlo.txt'), compiled.as_text())
   for line, op, count, total_us, percent in rows[:TOP_OPS]:
     logging.info('%-22s %-50s %6d %12.0f us %5.1f%%', line, op, count, total_us, percent)
 
@@ -194,11 +193,13 @@ def device_op_times(directory: str) -> list[tuple[str, str, int, float, float]]:
   return sorted(rows, key=lambda row: -row[3])
 
 
-def _planned_traffic(compiled: jax.stages.Compiled, directory: str) -> dict:
-  """The fields of XLA's program's estimated memory traffic (admin_jax/traffic.py); with `directory`,
-  its breakdown by op there as traffic.csv."""
-  ops = traffic.estimate(compiled.as_text())
+def _program_traffic(compiled: jax.stages.Compiled, directory: str) -> dict:
+  """The fields of the optimised program's estimated memory traffic (admin_jax/traffic.py); with
+  `directory`, the program itself (hlo.txt) and its traffic by op (traffic.csv) there."""
+  program = compiled.as_text()
+  ops = traffic.estimate(program)
   if directory:
+    files.write_text(os.path.join(directory, 'hlo.txt'), program)
     files.write_csv(os.path.join(directory, 'traffic.csv'), [f.name for f in dataclasses.fields(traffic.OpTraffic)],
                     [dataclasses.astuple(op) for op in ops])
   return {'traffic_bytes': traffic.total_bytes(ops), 'traffic_bytes_by_kind': traffic.bytes_by_kind(ops)}
@@ -256,8 +257,6 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
-  if hlo_dir:
-    files.write_text(os.path.join(hlo_dir, 'hlo.txt'), compiled.as_text())
   plan = compiled.memory_analysis()
   needed = (plan.temp_size_in_bytes + plan.argument_size_in_bytes + plan.output_size_in_bytes
             - plan.alias_size_in_bytes)
@@ -273,7 +272,7 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
       'device_memory_bytes': target.memory_bytes,
       'allocator_pool_bytes': pool,
       'fits': bool(needed <= pool),
-      **_planned_traffic(compiled, hlo_dir),
+      **_program_traffic(compiled, hlo_dir),
       'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       **_described(preset, options),
   }
@@ -317,7 +316,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
       'compiled_temp_bytes': int(plan.temp_size_in_bytes),  # the step's own working memory, per compile
-      **_planned_traffic(compiled, trace_dir),
+      **_program_traffic(compiled, trace_dir),
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'steps': steps,
       'warmup_steps': warmup_steps,
