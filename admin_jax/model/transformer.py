@@ -63,16 +63,19 @@ def _sublayer(residual: Residual, x: jax.Array, branch: Callable[[jax.Array], ja
   return residual(x, dropout.apply(f, cfg.dropout, rng), profile, tap)
 
 
+def _residual(cfg: TransformerConfig, shortcut: float, rngs: nnx.Rngs) -> Residual:
+  """The residual around one sublayer, as the config makes every one of them."""
+  return Residual(cfg.residual, cfg.d_model, shortcut=shortcut, layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+
+
 class EncoderLayer(nnx.Module):
   """Self-attention and FFN sublayers, each wrapped in its residual."""
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
     self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
-                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+    self.self_attention_residual = _residual(cfg, shortcut, rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
-    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
-                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+    self.ffn_residual = _residual(cfg, shortcut, rngs)
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, visibility: Visibility, rng: jax.Array | None, profile: Profile | None,
@@ -95,14 +98,11 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, shortcut: float, gain: float | None, rngs: nnx.Rngs):
     self.self_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.self_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
-                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+    self.self_attention_residual = _residual(cfg, shortcut, rngs)
     self.cross_attention = Attention(cfg.d_model, cfg.num_heads, gain=gain, impl=cfg.attention_impl, rngs=rngs)
-    self.cross_attention_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
-                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+    self.cross_attention_residual = _residual(cfg, shortcut, rngs)
     self.ffn = layers.FeedForward(cfg.d_model, cfg.ffn_dim, gain=gain, rngs=rngs)
-    self.ffn_residual = Residual(cfg.residual, cfg.d_model, shortcut=shortcut,
-                                          layer_norm_impl=cfg.layer_norm_impl, rngs=rngs)
+    self.ffn_residual = _residual(cfg, shortcut, rngs)
     self.cfg = cfg
 
   def _cross_and_ffn(self, x, memory_kv: KVCache, cross: Visibility, rngs, profile, omegas, tap=None):
