@@ -65,6 +65,8 @@ class _Config:
   block_k: int
   num_heads: int
   k_len: int  # unpadded: the dropout counter uses it, so padding does not change the mask
+  num_warps: int
+  num_stages: int
   interpret: bool
 
   @property
@@ -73,8 +75,14 @@ class _Config:
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """2-D matmul contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+  """2-D matmul contracting a's dim contract[0] with b's dim contract[1], float32 accumulation.
+
+  HIGHEST keeps float32 operands in float32: at the default precision Triton rounds them to TF32
+  (relative error 1e-3, seen on an H200), which the float32 path, there to check against, must not.
+  bf16 operands are multiplied as they are either way.
+  """
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
 
 
 def _positions(block: int, size: int) -> jax.Array:
@@ -254,7 +262,7 @@ def _call(kernel, cfg: _Config, grid: tuple[int, int, int], in_specs, out_specs,
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=cfg.interpret, name=name,
-      compiler_params=_compiler_params(num_warps=4, num_stages=2))
+      compiler_params=_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def _forward(cfg: _Config, seed, q, k, v, q_seg, k_seg) -> tuple[jax.Array, jax.Array]:
@@ -348,7 +356,8 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_segments: jax.Array,
                     key_segments: jax.Array, *, causal: bool, dropout_rate: float, seed: jax.Array | None,
-                    block_q: int = 64, block_k: int = 64, interpret: bool | None = None) -> jax.Array:
+                    block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                    interpret: bool | None = None) -> jax.Array:
   """Dropout(softmax(q k^T)) v over packed rows, without materialising [b, h, q, k] in HBM.
 
   query [b, q, h, d] must already carry the 1/sqrt(d) scale; key, value [b, k, h, d]. Query i sees
@@ -361,7 +370,8 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
   jax.random.bits(key, (), jnp.uint32)) so that every step can draw a new mask without
   recompiling; seed=None or dropout_rate=0 means no dropout. The mask depends on the local batch
   index: under shard_map, fold the shard's index into `seed`, or shards share masks. Lengths and head_dim are padded
-  inside to the block sizes (and head_dim to a power of two >= 16), as Triton requires.
+  inside to the block sizes (and head_dim to a power of two >= 16), as Triton requires. The block
+  sizes, num_warps and num_stages are the Triton launch's tiling (benchmarks/flash_sweep.py times them).
   `interpret=None` compiles the kernels with Triton for CUDA and runs the Pallas interpreter on
   other platforms (slow; for tests), by the platform compiled for.
   """
@@ -371,7 +381,8 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_se
     raise ValueError(f'query {query.shape}, key {key.shape} and value {value.shape} do not match')
   block_q, block_k = _block_size(block_q, q_len), _block_size(block_k, k_len)
   config = functools.partial(_Config, causal=causal, threshold=0 if seed is None else dropout.threshold(dropout_rate),
-                             block_q=block_q, block_k=block_k, num_heads=heads, k_len=k_len)
+                             block_q=block_q, block_k=block_k, num_heads=heads, k_len=k_len, num_warps=num_warps,
+                             num_stages=num_stages)
   q_padded, k_padded = pl.cdiv(q_len, block_q) * block_q, pl.cdiv(k_len, block_k) * block_k
   dim_padded = max(_MIN_BLOCK, pl.next_power_of_2(dim))
   operands = (jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1),

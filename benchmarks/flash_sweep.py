@@ -1,0 +1,95 @@
+"""Times the flash attention kernels' Triton tilings at the benchmark presets' attention shapes.
+
+base6 (256 sequences x 8 heads) and big6/big18 (128 x 16) give the kernels the same problem: 2048
+(sequence, head) pairs of 256 queries and keys with head_dim 64, the paper's attention dropout 0.1.
+Each tiling is timed forward only and forward + backward (the train step runs both), without
+(encoder self- and cross-attention) and with a causal mask (decoder self-attention), and printed as
+one JSON line; the last line names the fastest tiling per layer (two unmasked calls and one causal).
+
+  python benchmarks/flash_sweep.py                  # on a GPU: every tiling below
+  python benchmarks/flash_sweep.py --batch=2 --tiling=64,64,4,2  # anywhere: a quick check
+"""
+
+import json
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from admin_jax.model.flash_attention import flash_attention
+
+# (block_q, block_k, num_warps, num_stages); the first is the kernels' default.
+TILINGS = ('64,64,4,2', '64,64,4,3', '64,64,8,2', '32,64,4,2', '64,128,4,2', '128,64,4,2', '128,64,4,3',
+           '128,64,8,2', '128,128,8,2', '128,128,4,2')
+
+_TILINGS = flags.DEFINE_multi_string('tiling', list(TILINGS), 'block_q,block_k,num_warps,num_stages; repeat '
+                                      'the flag for several.')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Sequences per call.')
+_HEADS = flags.DEFINE_integer('heads', 16, 'Attention heads.')
+_LENGTH = flags.DEFINE_integer('length', 256, 'Queries and keys per sequence.')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Width of a head.')
+_CALLS = flags.DEFINE_integer('calls', 10, 'Calls per timed sample (five samples, the median reported).')
+
+
+def _tiling(entry: str) -> tuple[int, int, int, int]:
+  numbers = tuple(int(n) for n in entry.split(','))
+  if len(numbers) != 4:
+    raise app.UsageError(f'--tiling={entry}: expected block_q,block_k,num_warps,num_stages')
+  return numbers
+
+
+def _timed_ms(fn, *args) -> float:
+  """Median wall time of one call over five samples of _CALLS calls each, after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(_CALLS.value):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) * 1e3 / _CALLS.value)
+  return statistics.median(samples)
+
+
+def main(argv):
+  del argv
+  shape = (_BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value)
+  rng = np.random.default_rng(0)
+  k, v, cotangent = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(3))
+  q = jnp.asarray(rng.normal(size=shape) / np.sqrt(_HEAD_DIM.value), jnp.bfloat16)  # scaled, as the model passes it
+  segments = jnp.ones(shape[:2], jnp.int32)
+  seed = jnp.uint32(1)
+  per_layer = {}
+  for block_q, block_k, num_warps, num_stages in map(_tiling, _TILINGS.value):
+    record = dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    for causal in (False, True):
+      def attention(q, k, v):
+        return flash_attention(q, k, v, segments, segments, causal=causal, dropout_rate=0.1, seed=seed,
+                               block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+
+      def train(q, k, v):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(cotangent)
+
+      name = 'causal' if causal else 'full'
+      try:
+        record[f'{name}_forward_ms'] = _timed_ms(jax.jit(attention), q, k, v)
+        record[f'{name}_train_ms'] = _timed_ms(jax.jit(train), q, k, v)
+      except Exception as error:  # a tiling Triton cannot build (registers, shared memory) costs its line only
+        record['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}'
+        break
+    if 'error' not in record:
+      per_layer[(block_q, block_k, num_warps, num_stages)] = 2 * record['full_train_ms'] + record['causal_train_ms']
+      record['layer_train_ms'] = per_layer[(block_q, block_k, num_warps, num_stages)]
+    print(json.dumps(record), flush=True)
+  if per_layer:
+    best = min(per_layer, key=per_layer.get)
+    print(json.dumps({'fastest': dict(zip(('block_q', 'block_k', 'num_warps', 'num_stages'), best)),
+                      'layer_train_ms': per_layer[best], 'device': jax.devices()[0].device_kind}))
+
+
+if __name__ == '__main__':
+  app.run(main)
