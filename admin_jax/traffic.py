@@ -7,7 +7,10 @@ counts, for every top-level op that touches memory, the bytes of its operands an
 an upper bound of HBM traffic that ignores caches, and exact for a fused elementwise op. Loop
 bodies count once per iteration (XLA's known trip count), a fusion that only slices an operand
 counts the slice, and an in-place dynamic-update-slice counts the update, not the whole buffer:
-otherwise a scanned stack would be charged its stacked weights and residuals on every layer.
+otherwise a scanned stack would be charged its stacked weights and residuals on every layer. An
+asynchronous pair (`fusion-start`/`fusion-done`, which XLA 0.11 emits for some fusions in loops, or
+`async-start`/`async-done` around a wrapped computation) counts as the op it runs, once: charged
+its tuple of operands and result, twice over, it made a scanned big18 step look 4.6 TB.
 """
 
 import collections
@@ -145,8 +148,25 @@ class _Estimator:
         moved += _array_bytes(self.shapes.get(operand, ''))
     return moved
 
+  def _started(self, start: _Instruction) -> _Instruction:
+    """The op an async start runs, with the start's operands: `fusion-start` names its fused
+    computation itself; `async-start` calls a wrapper computation whose root is the op."""
+    if start.opcode != 'async-start':
+      return dataclasses.replace(start, opcode=start.opcode.removesuffix('-start'))
+    wrapper = self.computations.get(next(iter(_called(start.attributes, 'calls')), ''), [])
+    root = next((i for i in wrapper if i.is_root), None)
+    if root is None:
+      return dataclasses.replace(start, opcode='async')
+    parameters = {i.name: i.parameter_number for i in wrapper if i.opcode == 'parameter'}
+    operands = tuple(start.operands[parameters[o]] if o in parameters else o for o in root.operands)
+    return dataclasses.replace(root, name=start.name, operands=operands, attributes=root.attributes + start.attributes)
+
   def walk(self, computation: str, repeats: int) -> None:
     for instruction in self.computations.get(computation, []):
+      if instruction.opcode.endswith('-done'):  # its start was charged for the op
+        continue
+      if instruction.opcode.endswith('-start') and 'calls=' in instruction.attributes:
+        instruction = self._started(instruction)
       if instruction.opcode == 'while':
         trip = _TRIP_COUNT.search(instruction.attributes)
         for body in _called(instruction.attributes, 'body'):

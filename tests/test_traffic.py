@@ -1,6 +1,8 @@
 """The memory-traffic estimate of compiled programs (admin_jax/traffic.py), on programs compiled for
 this CPU whose traffic is known by construction: what an op must read and write at the least."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -65,3 +67,31 @@ def test_ops_are_grouped_by_what_runs_them(text, kind):
   ops = traffic.estimate(program)
   assert [op.kind for op in ops] == [kind]
   assert ops[0].count == 1 and ops[0].bytes >= 2 * 8 * 8 * 2
+
+
+def test_an_async_fusion_counts_as_the_fusion_it_runs():
+  """XLA may run a fusion as a start/done pair, printed as `fusion-start` or as `async-start` of a
+  wrapper computation; either way it moves what the fusion moves (here: one row into a stack)."""
+  update_row = jax.jit(lambda s, u, i: jax.lax.dynamic_update_index_in_dim(s, u * 2, i, 0), donate_argnums=0)
+  program = update_row.lower(jnp.ones((64, 1024)), jnp.ones((1024,)), 3).compile().as_text()
+  fusion = re.search(r'^(\s*)ROOT (%\S+) = (\S+) fusion\(([^)]*)\)(, kind=\w+, calls=(%\S+?)),(.*)$', program,
+                     re.MULTILINE)
+  indent, name, shape, operands, attributes, fused, rest = fusion.groups()
+  operand_shapes = ', '.join(re.search(rf'{re.escape(o)} = (\S+) parameter', program).group(1)
+                             for o in operands.split(', '))
+  start_shape = f'(({operand_shapes}), {shape}, s32[])'
+  done = f'{indent}ROOT {name} = {shape} fusion-done(%start)'
+  sugared = program.replace(fusion.group(0),
+                            f'{indent}%start = {start_shape} fusion-start({operands}){attributes},{rest}\n{done}')
+  shapes = operand_shapes.split(', ')
+  parameters = ''.join(f'  %p{n} = {s} parameter({n})\n' for n, s in enumerate(shapes))
+  wrapper = (f'%wrapped ({", ".join(f"p{n}: {s}" for n, s in enumerate(shapes))}) -> {shape} {{\n{parameters}'
+             f'  ROOT %inner = {shape} fusion({", ".join(f"%p{n}" for n in range(len(shapes)))}){attributes}\n}}\n\n')
+  wrapped = sugared.replace(f'fusion-start({operands}){attributes}', f'async-start({operands}), calls=%wrapped')
+  wrapped = wrapped.replace('ENTRY', wrapper + 'ENTRY', 1).replace('fusion-done(', 'async-done(')
+
+  plain, *asynchronous = (traffic.estimate(text) for text in (program, sugared, wrapped))
+  assert traffic.total_bytes(plain) < 64 * 1024 * 4  # the row, not the stack
+  for ops in asynchronous:
+    assert traffic.total_bytes(ops) == traffic.total_bytes(plain)
+    assert [op.kind for op in ops] == [op.kind for op in plain] == ['fusion:kLoop']

@@ -356,7 +356,7 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_segments: jax.Array,
                     key_segments: jax.Array, *, causal: bool, dropout_rate: float, seed: jax.Array | None,
-                    block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                    block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
                     interpret: bool | None = None) -> jax.Array:
   """Dropout(softmax(q k^T)) v over packed rows, without materialising [b, h, q, k] in HBM.
 
