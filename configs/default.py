@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.scan_layers = False
   model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
-  # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). See docs/PERF.md.
+  # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). On an H200, flash with the
+  # Pallas LayerNorm below trained base6 at 1.22x the tokens/s of xla (docs/PERF.md).
   model.attention_impl = 'xla'
   # xla | pallas: the Post-LN/Admin residual LayerNorm as one Pallas kernel each way (Triton on GPUs,
   # interpreted, hence slow, elsewhere), which reads the float32 residual stream fewer times.
