@@ -1,7 +1,8 @@
 """The residual LayerNorm's hand-written backward pass against differentiation of the plain formula.
 
 It must give the gradients of what it replaces, and keep less for the backward pass: the second
-is checked on the residuals that jax.vjp closes over.
+is checked on the residuals that jax.vjp closes over. It returns the output and its copy in the
+branch's dtype, whose gradients it sums: the plain formula's gradient for the sum of both cotangents.
 """
 
 import functools
@@ -39,17 +40,19 @@ IMPLS = ['xla', 'pallas']  # XLA's fusions; the Pallas kernels (layer_norm_kerne
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('shortcut_shape', [(SHAPE[-1],), ()], ids=['omega', 'scalar'])
 def test_residual_layer_norm_matches_float64_autodiff(shortcut_shape, impl, np_rng):
-  """Output and all five gradients against jax.vjp of the plain formula in float64 (rtol 1e-5)."""
+  """Output, copy and all five gradients against jax.vjp of the plain formula in float64 (rtol 1e-5)."""
   inputs = _residual_inputs(np_rng, shortcut_shape, jnp.float32)
-  cotangent = np_rng.normal(0, 1, SHAPE).astype(np.float32)
-  out, vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), *(jnp.asarray(a) for a in inputs))
-  grads = vjp(jnp.asarray(cotangent))
+  cotangents = [np_rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(2)]
+  (out, copy), vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl),
+                             *(jnp.asarray(a) for a in inputs))
+  grads = vjp(tuple(jnp.asarray(c) for c in cotangents))
   with jax.enable_x64():
     wide = [jnp.asarray(np.asarray(a, np.float64)) for a in inputs]
     want_out, want_vjp = jax.vjp(_plain_residual_layer_norm, *wide)
-    want_grads = want_vjp(jnp.asarray(cotangent, jnp.float64))
+    want_grads = want_vjp(jnp.asarray(cotangents[0], jnp.float64) + cotangents[1])
     want_out, want_grads = np.asarray(want_out), [np.asarray(g) for g in want_grads]
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(copy, out)
   for name, got, want in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), grads, want_grads):
     assert got.shape == want.shape, name
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max(), err_msg=name)
@@ -68,12 +71,19 @@ def test_residual_layer_norm_keeps_one_float32_tensor(np_rng):
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
-  """The branch's gradient arrives in the branch's dtype and equals the float32 one rounded."""
+  """Under bf16 compute the copy is the output rounded to bf16, and the branch's gradient (for a
+  float32 cotangent of the output and a bf16 one of the copy) arrives in bf16 and equals the
+  float32 one rounded."""
   x, branch, shortcut, scale, bias = _residual_inputs(np_rng, (SHAPE[-1],), jnp.bfloat16)
   cotangent = jnp.asarray(np_rng.normal(0, 1, SHAPE), jnp.float32)
-  _, vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale, bias)
+  copy_cotangent = jnp.asarray(np_rng.normal(0, 1, SHAPE), jnp.bfloat16)
+  (out, copy), vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale,
+                             bias)
+  assert out.dtype == jnp.float32 and copy.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(copy, out.astype(jnp.bfloat16))
   _, plain_vjp = jax.vjp(_plain_residual_layer_norm, x, branch, shortcut, scale, bias)
-  got, want = vjp(cotangent)[1], plain_vjp(cotangent)[1]
+  got = vjp((cotangent, copy_cotangent))[1]
+  want = plain_vjp(cotangent + copy_cotangent.astype(jnp.float32))[1]
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
@@ -82,13 +92,15 @@ def test_pallas_residual_layer_norm_pads_rows_to_its_block(np_rng):
   """Rows that do not fill the kernel's last block (37 x 3 rows of 64, blocks of 64 rows) give
   the XLA path's output and gradients."""
   shape = (3, 37, 64)
-  x, branch, cotangent = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(3))
+  x, branch, *cotangents = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(4))
   shortcut, scale, bias = (jnp.asarray(np_rng.uniform(0.5, 2, 64), jnp.float32) for _ in range(3))
   results = [jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale, bias)
              for impl in IMPLS]
   (want, want_vjp), (got, got_vjp) = results
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for name, g, w in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), got_vjp(cotangent), want_vjp(cotangent)):
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  for name, g, w in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), got_vjp(tuple(cotangents)),
+                        want_vjp(tuple(cotangents))):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4 * np.abs(w).max(), err_msg=name)
 
 

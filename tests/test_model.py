@@ -122,9 +122,10 @@ def test_layers_match_numpy_reference(residual, np_rng):
     graphdef, state = nnx.split(layer_module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
-  enc_out, _, _ = unstack(enc_layer)(jnp.asarray(x), Visibility(seg, seg), None, None)
-  dec_out, _, _ = unstack(dec_layer)(jnp.asarray(x), jnp.asarray(memory), Visibility(seg, seg, causal=True),
-                                     Visibility(seg, mem_seg), None, None)
+  stream = residual_lib.Stream.of(jnp.asarray(x), cfg.compute_dtype)
+  enc_out = unstack(enc_layer)(stream, Visibility(seg, seg), None, None)[0].value
+  dec_out = unstack(dec_layer)(stream, jnp.asarray(memory, cfg.compute_dtype), Visibility(seg, seg, causal=True),
+                               Visibility(seg, mem_seg), None, None)[0].value
 
   pe, pd = layer_params(model.encoder, 0), layer_params(model.decoder, 0)
   x64, m64 = x[0].astype(np.float64), memory[0].astype(np.float64)

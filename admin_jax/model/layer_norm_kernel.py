@@ -4,9 +4,11 @@ XLA splits this LayerNorm into several passes over the float32 residual stream: 
 normalisation, in the forward pass; in the backward pass the input gradient and, separately, the
 column sums for the gain, bias and omega gradients, each reading the stream and the branch output
 again. In the plans of the big6 step that is about a third of all its memory traffic (docs/PERF.md).
-Here one kernel reads x and the branch once and writes the output and two statistics per token;
-one backward kernel reads the output gradient, x and the branch once and writes both input
-gradients and, per block of rows, partial sums of the three parameter gradients (summed after).
+Here one kernel reads x and the branch once and writes the output, its copy in the branch's dtype
+(what the next branch's matmuls read) and two statistics per token; one backward kernel reads both
+output gradients (the stream's and the copy's, summed here rather than by a pass of XLA's), x and
+the branch once, and writes both input gradients and, per block of rows, partial sums of the three
+parameter gradients (summed after).
 
 Float32 throughout, as `layers.residual_layer_norm`, whose results these equal to rounding.
 `interpret=None` compiles with Triton for CUDA and runs the Pallas interpreter elsewhere (tests).
@@ -35,20 +37,23 @@ class _Config:
   interpret: bool
 
 
-def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *,
+def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, copy_ref, mean_ref, rstd_ref, *,
                     eps: float):
   s = shortcut_ref[...][None, :] * x_ref[...] + branch_ref[...].astype(jnp.float32)
   mean = jnp.mean(s, axis=1)
   centred = s - mean[:, None]
   rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + eps)
-  y_ref[...] = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
+  y = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
+  y_ref[...] = y
+  copy_ref[...] = y.astype(copy_ref.dtype)
   mean_ref[...] = mean
   rstd_ref[...] = rstd
 
 
-def _backward_kernel(grad_ref, x_ref, branch_ref, shortcut_ref, scale_ref, mean_ref, rstd_ref,
+def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, shortcut_ref, scale_ref, mean_ref, rstd_ref,
                      d_x_ref, d_branch_ref, d_shortcut_ref, d_scale_ref, d_bias_ref):
-  x, shortcut, grad = x_ref[...], shortcut_ref[...][None, :], grad_ref[...]
+  x, shortcut = x_ref[...], shortcut_ref[...][None, :]
+  grad = grad_ref[...] + grad_copy_ref[...].astype(jnp.float32)
   rstd = rstd_ref[...][:, None]
   normalized = (shortcut * x + branch_ref[...].astype(jnp.float32) - mean_ref[...][:, None]) * rstd
   d_normalized = grad * scale_ref[...][None, :]
@@ -88,34 +93,35 @@ def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   return _call(functools.partial(_forward_kernel, eps=cfg.eps), cfg, rows,
                in_specs=[_row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d), _vector(d)],
-               out_specs=[_row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
-               out_shape=[f32((rows, d)), f32((rows,)), f32((rows,))],
+               out_specs=[_row_block(cfg, d), _row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
+               out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
                name='residual_layer_norm_forward', num_warps=4)(x, branch, shortcut, scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layer_norm(cfg: _Config, x, branch, shortcut, scale, bias):
-  return _forward(cfg, x, branch, shortcut, scale, bias)[0]
+  return tuple(_forward(cfg, x, branch, shortcut, scale, bias)[:2])
 
 
 def _layer_norm_fwd(cfg: _Config, x, branch, shortcut, scale, bias):
-  y, mean, rstd = _forward(cfg, x, branch, shortcut, scale, bias)
-  return y, (x, branch, shortcut, scale, mean, rstd)
+  y, copy, mean, rstd = _forward(cfg, x, branch, shortcut, scale, bias)
+  return (y, copy), (x, branch, shortcut, scale, mean, rstd)
 
 
-def _layer_norm_bwd(cfg: _Config, saved, grad):
+def _layer_norm_bwd(cfg: _Config, saved, grads):
   x, branch, shortcut, scale, mean, rstd = saved
+  grad, grad_copy = grads
   rows, d = x.shape
   blocks = rows // cfg.block_rows
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   d_x, d_branch, *partial_sums = _call(
       _backward_kernel, cfg, rows,
-      in_specs=[_row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d),
-                _per_row(cfg), _per_row(cfg)],
+      in_specs=[_row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _vector(d),
+                _vector(d), _per_row(cfg), _per_row(cfg)],
       out_specs=[_row_block(cfg, d), _row_block(cfg, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
       out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((blocks, d)), f32((blocks, d)),
                  f32((blocks, d))],
-      name='residual_layer_norm_backward', num_warps=8)(grad, x, branch, shortcut, scale, mean, rstd)
+      name='residual_layer_norm_backward', num_warps=8)(grad, grad_copy, x, branch, shortcut, scale, mean, rstd)
   d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
   return d_x, d_branch, d_shortcut, d_scale, d_bias
 
@@ -124,8 +130,9 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array, *, eps: float, interpret: bool | None = None) -> jax.Array:
-  """LN(shortcut * x + branch) * scale + bias over the last axis (variance + eps), float32 out.
+                        bias: jax.Array, *, eps: float, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  """LN(shortcut * x + branch) * scale + bias over the last axis (variance + eps) in float32, and
+  the same rounded to the branch's dtype.
 
   x is float32 [..., d], branch any float dtype of the same shape, shortcut a scalar or [d], scale
   and bias [d]; d must be a power of two (a Triton block). Rows are padded to the block inside.
@@ -140,9 +147,9 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, sc
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
   operands = (pad(x.astype(jnp.float32)), pad(branch), vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
-    y = lax.platform_dependent(
+    outputs = lax.platform_dependent(
         *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=False)),
         default=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=True)))
   else:
-    y = _layer_norm(_Config(block_rows, eps, interpret), *operands)
-  return y[:rows].reshape(x.shape)
+    outputs = _layer_norm(_Config(block_rows, eps, interpret), *operands)
+  return tuple(out[:rows].reshape(x.shape) for out in outputs)

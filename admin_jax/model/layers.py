@@ -59,15 +59,18 @@ def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array, impl: str = 'xla') -> jax.Array:
-  """LN(shortcut * x + branch) in float32: the Post-LN, Admin and DeepNorm residual.
+                        bias: jax.Array, impl: str = 'xla') -> tuple[jax.Array, jax.Array]:
+  """LN(shortcut * x + branch) in float32, the Post-LN, Admin and DeepNorm residual, and its copy
+  in the branch's (compute) dtype.
 
-  `shortcut` is omega ([d_model]) or a scalar. The backward pass keeps x (float32), the branch
-  output in its own dtype and two statistics per token, and recomputes the rest; differentiated
-  as written it would keep about four float32 [batch, length, d_model] tensors per sublayer,
-  the largest share of a Post-LN model's activation memory under bf16 compute. `impl` 'xla'
-  leaves the passes to XLA's fusions; 'pallas' runs one kernel each way (layer_norm_kernel.py),
-  which reads the residual stream fewer times.
+  The next branch reads the copy: made here, it costs no pass of its own over the float32 stream,
+  and the two outputs' gradients (the next residual's shortcut and the next branch's input) are
+  summed inside this backward pass instead of by one more. `shortcut` is omega ([d_model]) or a
+  scalar. The backward pass keeps x (float32), the branch output in its own dtype and two
+  statistics per token, and recomputes the rest; differentiated as written it would keep about
+  four float32 [batch, length, d_model] tensors per sublayer, the largest share of a Post-LN
+  model's activation memory under bf16 compute. `impl` 'xla' leaves the passes to XLA's fusions;
+  'pallas' runs one kernel each way (layer_norm_kernel.py), which reads the residual stream fewer times.
   """
   if impl == 'pallas':
     return _pallas_residual_layer_norm(x, branch, shortcut, scale, bias)
@@ -83,7 +86,7 @@ def _pallas_residual_layer_norm(x, branch, shortcut, scale, bias):
     return kernel(x, branch, shortcut, scale, bias)
   spec = sharding.logical_to_spec(('batch', 'length', 'embed'), x.shape, dict(mesh.shape))
   rows = jax.P(spec[0], spec[1], None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()), out_specs=rows,
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()), out_specs=(rows, rows),
                        check_vma=False)(x, branch, shortcut, scale, bias)
 
 
@@ -94,11 +97,13 @@ def _xla_residual_layer_norm(x, branch, shortcut, scale, bias):
 
 def _residual_layer_norm_forward(x, branch, shortcut, scale, bias):
   normalized, mean, rstd = _normalize(shortcut * x + branch.astype(jnp.float32))
-  return normalized * scale + bias, (x, as_stored(branch), shortcut, scale, mean, rstd)
+  y = normalized * scale + bias
+  return (y, y.astype(branch.dtype)), (x, as_stored(branch), shortcut, scale, mean, rstd)
 
 
-def _residual_layer_norm_backward(saved, grad):
+def _residual_layer_norm_backward(saved, grads):
   x, branch, shortcut, scale, mean, rstd = saved
+  grad = grads[0] + grads[1].astype(jnp.float32)
   normalized = (shortcut * x + branch.astype(jnp.float32) - mean) * rstd
   token_axes = tuple(range(grad.ndim - 1))
   d_scale, d_bias = (grad * normalized).sum(token_axes), grad.sum(token_axes)

@@ -49,6 +49,20 @@ def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int) -> Deep
       decoder_beta=(12 * m) ** -0.25)
 
 
+class Stream(NamedTuple):
+  """The residual stream between sublayers: x_k in float32, and its copy in the compute dtype,
+  which the next Post-LN branch reads. The residual LayerNorm writes both in one pass and sums
+  both gradients in its backward pass (`layers.residual_layer_norm`), so neither the cast nor the
+  gradient sum costs a pass of its own over the stream."""
+  value: jax.Array
+  compute: jax.Array
+
+  @classmethod
+  def of(cls, x: jax.Array, dtype: jnp.dtype) -> 'Stream':
+    """The stream starting from x (embeddings, or a Pre-LN sum), copy made by a cast."""
+    return cls(x.astype(jnp.float32), x.astype(dtype))
+
+
 class Profile(NamedTuple):
   """State of the omega profiling recurrence, carried through one stack (spec 2.2).
 
@@ -115,30 +129,33 @@ class Residual(nnx.Module):
     else:
       self.shortcut = shortcut
 
-  def branch_input(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """What the branch f_i reads: LN(x) for Pre-LN, x itself for every Post-LN form."""
-    return (self.norm(x) if self.kind == 'pre_ln' else x).astype(dtype)
+  def branch_input(self, x: Stream, dtype: jnp.dtype) -> jax.Array:
+    """What the branch f_i reads: LN(x) for Pre-LN, x itself (its compute copy) for every Post-LN form."""
+    return self.norm(x.value).astype(dtype) if self.kind == 'pre_ln' else x.compute
 
   def shortcut_scale(self) -> jax.Array | float:
     """What multiplies x_{k-1}: omega for Admin, alpha for DeepNorm, 1 for Post-LN and Pre-LN."""
     return self.omega[...] if self.kind in ADMIN_RESIDUALS else self.shortcut
 
-  def __call__(self, x: jax.Array, branch: jax.Array, profile: Profile | None = None,
-               tap: Tap | None = None) -> tuple[jax.Array, Profile | None]:
-    """Adds the branch output to the shortcut; returns the new stream (float32) and profile state.
+  def __call__(self, x: Stream, branch: jax.Array, profile: Profile | None = None,
+               tap: Tap | None = None) -> tuple[Stream, Profile | None]:
+    """Adds the branch output (in the compute dtype) to the shortcut; returns the new stream and
+    profile state.
 
     While profiling, omega_k := r is used at once in this same pass and then
     r := sqrt(Var[omega_k * x_{k-1}] + Var[f_k]) (spec 2.2). A `tap` (analysis only) records
     (x_{k-1}, f_k, x_k) and adds its offset to x_k.
     """
-    x = x.astype(jnp.float32)
+    x = x.value
     if self.kind == 'pre_ln':
-      output = x + branch.astype(jnp.float32)
+      output = Stream.of(x + branch.astype(jnp.float32), branch.dtype)
     else:
       shortcut = self.shortcut_scale() if profile is None else profile.r
       if profile is not None:
         r = jnp.sqrt(_variance(shortcut * x, profile.mask) + _variance(branch, profile.mask))
         profile = Profile(r, profile.mask)
-      output = layers.residual_layer_norm(x, branch, jnp.asarray(shortcut, jnp.float32), self.norm.scale[...],
-                                          self.norm.bias[...], self.layer_norm_impl)
-    return (output if tap is None else tap(x, branch.astype(jnp.float32), output)), profile
+      output = Stream(*layers.residual_layer_norm(x, branch, jnp.asarray(shortcut, jnp.float32),
+                                                  self.norm.scale[...], self.norm.bias[...], self.layer_norm_impl))
+    if tap is not None:
+      output = Stream.of(tap(x, branch.astype(jnp.float32), output.value), branch.dtype)
+    return output, profile

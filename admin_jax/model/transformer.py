@@ -24,6 +24,7 @@ from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import Profile
 from admin_jax.model.residual import Residual
+from admin_jax.model.residual import Stream
 from admin_jax.model.residual import Sublayer
 from admin_jax.model.residual import Tap
 from admin_jax.model.residual import deepnorm_constants
@@ -51,9 +52,9 @@ def _layer_outputs(profile: Profile | None, omegas: list[Any], tap: Tap | None) 
   return (jnp.stack(omegas) if profile is not None else None), (None if tap is None else tap.stacked())
 
 
-def _sublayer(residual: Residual, x: jax.Array, branch: Callable[[jax.Array], jax.Array], *,
+def _sublayer(residual: Residual, x: Stream, branch: Callable[[jax.Array], jax.Array], *,
               cfg: TransformerConfig, rng: jax.Array | None, profile: Profile | None, omegas: list[Any],
-              tap: Tap | None) -> tuple[jax.Array, Profile | None]:
+              tap: Tap | None) -> tuple[Stream, Profile | None]:
   """x_k from x_{k-1}: the branch on what the residual feeds it, dropout on its output, the residual.
 
   While profiling, records the running scalar r as this sublayer's omega before it is used.
@@ -78,8 +79,8 @@ class EncoderLayer(nnx.Module):
     self.ffn_residual = _residual(cfg, shortcut, rngs)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, visibility: Visibility, rng: jax.Array | None, profile: Profile | None,
-               tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
+  def __call__(self, x: Stream, visibility: Visibility, rng: jax.Array | None, profile: Profile | None,
+               tap: Tap | None = None) -> tuple[Stream, Profile | None, list[Any]]:
     cfg = self.cfg
     attn_rng, attn_out_rng, act_rng, ffn_out_rng = _split(rng, 4)
     omegas = []
@@ -119,9 +120,10 @@ class DecoderLayer(nnx.Module):
         cfg=cfg, rng=ffn_out_rng, profile=profile, omegas=omegas, tap=tap)
     return x, profile
 
-  def __call__(self, x: jax.Array, memory: jax.Array, causal: Visibility, cross: Visibility,
+  def __call__(self, x: Stream, memory: jax.Array, causal: Visibility, cross: Visibility,
                rng: jax.Array | None, profile: Profile | None,
-               tap: Tap | None = None) -> tuple[jax.Array, Profile | None, list[Any]]:
+               tap: Tap | None = None) -> tuple[Stream, Profile | None, list[Any]]:
+    """One layer; `memory` is the encoder output in the compute dtype."""
     cfg = self.cfg
     rngs = _split(rng, 6)
     omegas = []
@@ -129,12 +131,12 @@ class DecoderLayer(nnx.Module):
         self.self_attention_residual, x,
         lambda h: self.self_attention(h, causal, dropout_rate=cfg.attention_dropout, rng=rngs[0]),
         cfg=cfg, rng=rngs[1], profile=profile, omegas=omegas, tap=tap)
-    x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory.astype(cfg.compute_dtype)),
-                                     cross, rngs[2:], profile, omegas, tap)
+    x, profile = self._cross_and_ffn(x, self.cross_attention.key_value(memory), cross, rngs[2:], profile,
+                                     omegas, tap)
     return x, profile, omegas
 
-  def decode_step(self, x: jax.Array, cache: KVCache, memory_kv: KVCache, cross: Visibility,
-                  index: jax.Array) -> tuple[jax.Array, KVCache]:
+  def decode_step(self, x: Stream, cache: KVCache, memory_kv: KVCache, cross: Visibility,
+                  index: jax.Array) -> tuple[Stream, KVCache]:
     dtype = self.cfg.compute_dtype
     h = self.self_attention_residual.branch_input(x, dtype)
     f, cache = self.self_attention.cached_self_attention(h, cache, index)
@@ -219,10 +221,11 @@ class Transformer(nnx.Module):
 
   # -- embeddings ------------------------------------------------------------------------------
 
-  def _embed(self, table: layers.Embedding, tokens, positions, segments, rng) -> jax.Array:
-    """(sqrt(d) * E[token] + sinusoid) with dropout, in float32: the residual stream's dtype."""
+  def _embed(self, table: layers.Embedding, tokens, positions, segments, rng) -> Stream:
+    """(sqrt(d) * E[token] + sinusoid) with dropout, in float32: the start of the residual stream."""
     x = table(tokens, jnp.float32) + layers.sinusoidal_positions(positions, segments, self.cfg.d_model)
-    return constrain(dropout.apply(x, self.cfg.dropout, rng), ('batch', 'length', 'embed'))
+    return Stream.of(constrain(dropout.apply(x, self.cfg.dropout, rng), ('batch', 'length', 'embed')),
+                     self.cfg.compute_dtype)
 
   def _decoder_table(self) -> layers.Embedding:
     return self.embedding if self.cfg.share_embeddings else self.decoder_embedding
@@ -231,12 +234,12 @@ class Transformer(nnx.Module):
     """The matrix the decoder's states are projected on to get logits (x @ E^T)."""
     return self.embedding if self.cfg.share_embeddings else self.output_embedding
 
-  def _output_states(self, x: jax.Array) -> jax.Array:
+  def _output_states(self, x: Stream) -> jax.Array:
     if self.cfg.residual == 'pre_ln':
-      x = self.decoder_final_norm(x)
-    return x.astype(self.cfg.compute_dtype)
+      return self.decoder_final_norm(x.value).astype(self.cfg.compute_dtype)
+    return x.compute
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def _logits(self, x: Stream) -> jax.Array:
     return constrain(self.output_table().logits(self._output_states(x)), ('batch', 'length', 'vocab'))
 
   # -- encoder and decoder ---------------------------------------------------------------------
@@ -260,11 +263,12 @@ class Transformer(nnx.Module):
 
     (x, _), (omegas, sublayers) = self.encoder.apply(step, (x, profile), (keys, offsets))
     if self.cfg.residual == 'pre_ln':
-      x = self.encoder_final_norm(x)
+      x = Stream.of(self.encoder_final_norm(x.value), self.cfg.compute_dtype)
     return x, omegas, sublayers
 
   def _decode(self, targets_in, segments, positions, memory, memory_segments, rng, profile: Profile | None,
               offsets=None):
+    """The decoder's output stream; `memory` is the encoder output in the compute dtype."""
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self._decoder_table(), targets_in, positions, segments, emb_rng)
     causal, cross = Visibility(segments, segments, causal=True), Visibility(segments, memory_segments)
@@ -282,12 +286,13 @@ class Transformer(nnx.Module):
   def encode(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array, *,
              rng: jax.Array | None = None) -> jax.Array:
     """Encoder output [batch, src_len, d_model], float32."""
-    return self._encode(inputs, segments, positions, rng, None)[0]
+    return self._encode(inputs, segments, positions, rng, None)[0].value
 
   def decode(self, targets_in: jax.Array, segments: jax.Array, positions: jax.Array, memory: jax.Array,
              memory_segments: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """Logits [batch, tgt_len, vocab] (float32) for teacher-forced decoder inputs."""
-    return self._logits(self._decode(targets_in, segments, positions, memory, memory_segments, rng, None)[0])
+    return self._logits(self._decode(targets_in, segments, positions, memory.astype(self.cfg.compute_dtype),
+                                     memory_segments, rng, None)[0])
 
   def final_states(self, batch: dict[str, jax.Array], *, rng: jax.Array | None = None) -> jax.Array:
     """Teacher-forced decoder states right before the output projection [batch, tgt_len, d_model].
@@ -295,9 +300,9 @@ class Transformer(nnx.Module):
     For losses that project onto the vocabulary a chunk of tokens at a time.
     """
     enc_rng, dec_rng = _split(rng, 2)
-    memory = self.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], rng=enc_rng)
+    memory = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], enc_rng, None)[0]
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    x = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+    x = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory.compute,
                      batch['inputs_segmentation'], dec_rng, None)[0]
     return self._output_states(x)
 
@@ -319,7 +324,7 @@ class Transformer(nnx.Module):
     memory, enc, _ = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
                                   enc_rng, self._profile_start(batch['inputs_segmentation'], True, mask_padding))
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    _, dec, _ = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
+    _, dec, _ = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory.compute,
                              batch['inputs_segmentation'], dec_rng,
                              self._profile_start(batch['targets_segmentation'], True, mask_padding))
     return {'encoder': enc.reshape(-1), 'decoder': dec.reshape(-1)}
@@ -332,7 +337,7 @@ class Transformer(nnx.Module):
     gradient with respect to them is dL/dx_k (spec 7.3); the tensors have the same leading axes.
     """
     x, _, sublayers = self._encode(inputs, segments, positions, None, None, offsets)
-    return x, sublayers
+    return x.value, sublayers
 
   def trace(self, batch: dict[str, jax.Array],
             offsets: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Sublayer]]:
@@ -341,8 +346,9 @@ class Transformer(nnx.Module):
     memory, enc = self.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
                                      offsets['encoder'])
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    x, _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory,
-                             batch['inputs_segmentation'], None, None, offsets['decoder'])
+    x, _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'],
+                             memory.astype(self.cfg.compute_dtype), batch['inputs_segmentation'], None, None,
+                             offsets['decoder'])
     return self._logits(x), {'encoder': enc, 'decoder': dec}
 
   def set_omegas(self, encoder: Any, decoder: Any) -> None:
