@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from admin_jax.model.attention import Visibility, attend
 from admin_jax.model.flash_attention import dropout_keep_mask, flash_attention
 
 # The documented quantisation: the drop threshold is round(rate * 2^16) out of 2^16 levels.
@@ -252,3 +253,21 @@ def test_lowers_for_triton():
     pytest.skip(f'this jaxlib compiles Triton kernels while lowering and has no CUDA plugin: {error}')
   for kernel in ('flash_attention_forward', 'flash_attention_dkv', 'flash_attention_dq'):
     assert f'"{kernel}"' in lowered
+
+
+@pytest.mark.parametrize('blind_queries_average', [True, False])
+def test_attend_sets_queries_without_keys_only_where_asked(blind_queries_average):
+  """`attention.attend` with the flash kernel equals the XLA path on queries that see keys; on
+  those that see none (padding) it equals it too where the pass asks (profiling, analysis: the
+  mean of the row's values), and leaves them at 0 otherwise (training, which never reads them)."""
+  case = CASES['cross_dropout_padded']
+  q, k, v, q_segments, k_segments, _ = inputs(case)
+  visibility = Visibility(q_segments, k_segments, blind_queries_average=blind_queries_average)
+  flash, xla = (attend(q, k, v, visibility, dropout_rate=0.0, rng=None, impl=impl) for impl in ('flash', 'xla'))
+  blind = ~visibility.mask().any(-1)[:, 0]  # [batch, q]
+  assert blind.any() and (~blind).any()
+  assert_close(flash[~blind], xla[~blind], 1e-5)
+  if blind_queries_average:
+    assert_close(flash[blind], xla[blind], 1e-5)
+  else:
+    assert not np.asarray(flash[blind]).any()

@@ -28,10 +28,16 @@ _MASKED = -1e9
 class Visibility(NamedTuple):
   """Which keys each query sees: those of its own packed segment (segment 0 is padding) and, if
   `causal`, not later ones. Segment ids rather than a dense mask, so that flash attention can
-  rebuild the mask of each tile instead of reading a [batch, q, k] tensor."""
+  rebuild the mask of each tile instead of reading a [batch, q, k] tensor.
+
+  A query that sees no key (a padding position) gets the mean of its row's values where
+  `blind_queries_average` (see `attend`); otherwise the fused kernels leave it at zero, which
+  costs nothing, and nothing a loss reads depends on a padding position.
+  """
   query_segments: jax.Array  # [batch, q]
   key_segments: jax.Array  # [batch, k]
   causal: bool = False
+  blind_queries_average: bool = False
 
   def mask(self) -> jax.Array:
     """[batch, 1, q, k] boolean, broadcasting over heads."""
@@ -122,7 +128,9 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   A query that sees no key (a padding position) attends uniformly to all keys of its row, as the
   XLA path's large negative logits make it: padding positions then carry values like real ones
   into the profiling pass's variances, as in the reference's padded batches (zeros there would
-  damp omega's growth with depth). The fused kernels leave such rows at zero, so they are set here.
+  damp omega's growth with depth). The fused kernels leave such rows at zero; where
+  `visibility.blind_queries_average` (the profiling and analysis passes) they are set here, a pass
+  over the output and a reduction over the values that training, which never reads them, skips.
   """
   mask = visibility.mask()
   if impl == 'xla' or query.shape[1] == 1:
@@ -136,6 +144,8 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
       raise ValueError("cuDNN attention has no dropout: set model.attention_dropout=0")
     implementation = 'cudnn' if jax.default_backend() == 'gpu' else None
     context = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
+  if not visibility.blind_queries_average:
+    return context
   sees_a_key = mask.any(-1)[:, 0, :, None, None]  # [batch, q, 1, 1]
   return jnp.where(sees_a_key, context, value.mean(1, keepdims=True).astype(context.dtype))
 

@@ -47,6 +47,12 @@ def decoder_inputs(targets: jax.Array, positions: jax.Array, segments: jax.Array
   return jnp.where(positions == 0, EOS_ID, shifted) * (segments > 0)
 
 
+def _measuring(profile: Profile | None, offsets: Any) -> bool:
+  """Whether a pass measures the stream (profiling, analysis), whose statistics pool padding
+  positions: there, queries that see no key average their row's values, as the XLA path does."""
+  return profile is not None or offsets is not None
+
+
 def _layer_outputs(profile: Profile | None, omegas: list[Any], tap: Tap | None) -> tuple[Any, Any]:
   """One scan step's outputs: the profiled omegas and the tapped sublayers, each None when unused."""
   return (jnp.stack(omegas) if profile is not None else None), (None if tap is None else tap.stacked())
@@ -252,7 +258,7 @@ class Transformer(nnx.Module):
   def _encode(self, inputs, segments, positions, rng, profile: Profile | None, offsets=None):
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self.embedding, inputs, positions, segments, emb_rng)
-    visibility = Visibility(segments, segments)
+    visibility = Visibility(segments, segments, blind_queries_average=_measuring(profile, offsets))
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_encoder_layers)
 
     def step(layer, carry, xs):
@@ -271,7 +277,9 @@ class Transformer(nnx.Module):
     """The decoder's output stream; `memory` is the encoder output in the compute dtype."""
     emb_rng, layers_rng = _split(rng, 2)
     x = self._embed(self._decoder_table(), targets_in, positions, segments, emb_rng)
-    causal, cross = Visibility(segments, segments, causal=True), Visibility(segments, memory_segments)
+    measuring = _measuring(profile, offsets)
+    causal = Visibility(segments, segments, causal=True, blind_queries_average=measuring)
+    cross = Visibility(segments, memory_segments, blind_queries_average=measuring)
     keys = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.num_decoder_layers)
 
     def step(layer, carry, xs):
