@@ -88,10 +88,11 @@ def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
-def test_pallas_residual_layer_norm_pads_rows_to_its_block(np_rng):
-  """Rows that do not fill the kernel's last block (37 x 3 rows of 64, blocks of 64 rows) give
-  the XLA path's output and gradients."""
-  shape = (3, 37, 64)
+@pytest.mark.parametrize('shape', [(3, 37, 64), (3, 700, 64)], ids=['one_program', 'three_programs'])
+def test_pallas_residual_layer_norm_pads_rows_to_its_block(shape, np_rng):
+  """Rows that do not fill the kernels' blocks give the XLA path's output and gradients: 111 rows of
+  64 in blocks of 64 rows, the backward program looping over 2 of them; 2100 rows, 3 backward
+  programs of 16 blocks each, the last one partly padding."""
   x, branch, *cotangents = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(4))
   shortcut, scale, bias = (jnp.asarray(np_rng.uniform(0.5, 2, 64), jnp.float32) for _ in range(3))
   results = [jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale, bias)

@@ -23,16 +23,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Rows per program: this many elements of [rows, d_model]. Small enough that the backward pass's six
-# live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per thread each), large
-# enough that the per-block partial sums (3 x 4 bytes x d_model per block) stay a small share of its
-# traffic (a sixth on big6).
+# Rows a program handles at a time: this many elements of [rows, d_model]. Small enough that the
+# backward pass's six live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per
+# thread each).
 _BLOCK_ELEMENTS = 4096
+# Such blocks per backward program, looped over, so that its per-program partial sums of the three
+# parameter gradients (3 x 4 bytes x d_model, written, then read again to be summed) are a small
+# share of its traffic: with one block per program they were a sixth of it on big6.
+_BACKWARD_BLOCKS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   block_rows: int
+  backward_blocks: int  # blocks of block_rows rows per backward program
   eps: float
   interpret: bool
 
@@ -51,27 +55,35 @@ def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref,
 
 
 def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, shortcut_ref, scale_ref, mean_ref, rstd_ref,
-                     d_x_ref, d_branch_ref, d_shortcut_ref, d_scale_ref, d_bias_ref):
-  x, shortcut = x_ref[...], shortcut_ref[...][None, :]
-  grad = grad_ref[...] + grad_copy_ref[...].astype(jnp.float32)
-  rstd = rstd_ref[...][:, None]
-  normalized = (shortcut * x + branch_ref[...].astype(jnp.float32) - mean_ref[...][:, None]) * rstd
-  d_normalized = grad * scale_ref[...][None, :]
-  d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
-                  - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
-  d_x_ref[...] = d_sum * shortcut
-  d_branch_ref[...] = d_sum.astype(d_branch_ref.dtype)
-  d_shortcut_ref[...] = jnp.sum(d_sum * x, axis=0)
-  d_scale_ref[...] = jnp.sum(grad * normalized, axis=0)
-  d_bias_ref[...] = jnp.sum(grad, axis=0)
+                     d_x_ref, d_branch_ref, d_shortcut_ref, d_scale_ref, d_bias_ref, *, cfg: _Config):
+  shortcut, scale = shortcut_ref[...][None, :], scale_ref[...][None, :]
+
+  def block(i, sums):
+    rows = pl.ds(i * cfg.block_rows, cfg.block_rows)
+    x = x_ref[rows, :]
+    grad = grad_ref[rows, :] + grad_copy_ref[rows, :].astype(jnp.float32)
+    rstd = rstd_ref[rows][:, None]
+    normalized = (shortcut * x + branch_ref[rows, :].astype(jnp.float32) - mean_ref[rows][:, None]) * rstd
+    d_normalized = grad * scale
+    d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
+                    - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
+    d_x_ref[rows, :] = d_sum * shortcut
+    d_branch_ref[rows, :] = d_sum.astype(d_branch_ref.dtype)
+    d_shortcut, d_scale, d_bias = sums
+    return (d_shortcut + jnp.sum(d_sum * x, axis=0), d_scale + jnp.sum(grad * normalized, axis=0),
+            d_bias + jnp.sum(grad, axis=0))
+
+  zeros = jnp.zeros(scale.shape[1:], jnp.float32)
+  d_shortcut_ref[...], d_scale_ref[...], d_bias_ref[...] = lax.fori_loop(0, cfg.backward_blocks, block,
+                                                                         (zeros,) * 3)
 
 
-def _row_block(cfg: _Config, d: int) -> pl.BlockSpec:
-  return pl.BlockSpec((cfg.block_rows, d), lambda i: (i, 0))
+def _row_block(rows: int, d: int) -> pl.BlockSpec:
+  return pl.BlockSpec((rows, d), lambda i: (i, 0))
 
 
-def _per_row(cfg: _Config) -> pl.BlockSpec:
-  return pl.BlockSpec((cfg.block_rows,), lambda i: (i,))
+def _per_row(rows: int) -> pl.BlockSpec:
+  return pl.BlockSpec((rows,), lambda i: (i,))
 
 
 def _vector(d: int) -> pl.BlockSpec:
@@ -82,8 +94,8 @@ def _partial_sum(d: int) -> pl.BlockSpec:
   return pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
 
 
-def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name: str, num_warps: int):
-  return pl.pallas_call(kernel, grid=(rows // cfg.block_rows,), in_specs=in_specs, out_specs=out_specs,
+def _call(kernel, cfg: _Config, grid: int, in_specs, out_specs, out_shape, name: str, num_warps: int):
+  return pl.pallas_call(kernel, grid=(grid,), in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=cfg.interpret, name=name,
                         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
 
@@ -91,9 +103,10 @@ def _call(kernel, cfg: _Config, rows: int, in_specs, out_specs, out_shape, name:
 def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-  return _call(functools.partial(_forward_kernel, eps=cfg.eps), cfg, rows,
-               in_specs=[_row_block(cfg, d), _row_block(cfg, d), _vector(d), _vector(d), _vector(d)],
-               out_specs=[_row_block(cfg, d), _row_block(cfg, d), _per_row(cfg), _per_row(cfg)],
+  block = cfg.block_rows
+  return _call(functools.partial(_forward_kernel, eps=cfg.eps), cfg, rows // block,
+               in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _vector(d), _vector(d)],
+               out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
                out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
                name='residual_layer_norm_forward', num_warps=4)(x, branch, shortcut, scale, bias)
 
@@ -112,15 +125,16 @@ def _layer_norm_bwd(cfg: _Config, saved, grads):
   x, branch, shortcut, scale, mean, rstd = saved
   grad, grad_copy = grads
   rows, d = x.shape
-  blocks = rows // cfg.block_rows
+  block = cfg.block_rows * cfg.backward_blocks
+  programs = rows // block
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   d_x, d_branch, *partial_sums = _call(
-      _backward_kernel, cfg, rows,
-      in_specs=[_row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _row_block(cfg, d), _vector(d),
-                _vector(d), _per_row(cfg), _per_row(cfg)],
-      out_specs=[_row_block(cfg, d), _row_block(cfg, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
-      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((blocks, d)), f32((blocks, d)),
-                 f32((blocks, d))],
+      functools.partial(_backward_kernel, cfg=cfg), cfg, programs,
+      in_specs=[_row_block(block, d), _row_block(block, d), _row_block(block, d), _row_block(block, d), _vector(d),
+                _vector(d), _per_row(block), _per_row(block)],
+      out_specs=[_row_block(block, d), _row_block(block, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
+      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((programs, d)),
+                 f32((programs, d)), f32((programs, d))],
       name='residual_layer_norm_backward', num_warps=8)(grad, grad_copy, x, branch, shortcut, scale, mean, rstd)
   d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
   return d_x, d_branch, d_shortcut, d_scale, d_bias
@@ -142,14 +156,15 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, sc
     raise ValueError(f'the Pallas residual LayerNorm needs a power-of-two model dimension, got {d}')
   rows = x.size // d
   block_rows = min(max(1, _BLOCK_ELEMENTS // d), pl.next_power_of_2(rows))
-  padded = pl.cdiv(rows, block_rows) * block_rows
+  backward_blocks = min(_BACKWARD_BLOCKS, pl.next_power_of_2(pl.cdiv(rows, block_rows)))
+  padded = pl.cdiv(rows, block_rows * backward_blocks) * block_rows * backward_blocks
   pad = lambda a: jnp.pad(a.reshape(rows, d), ((0, padded - rows), (0, 0)))
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
   operands = (pad(x.astype(jnp.float32)), pad(branch), vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
     outputs = lax.platform_dependent(
-        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=False)),
-        default=functools.partial(_layer_norm, _Config(block_rows, eps, interpret=True)))
+        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, backward_blocks, eps, interpret=False)),
+        default=functools.partial(_layer_norm, _Config(block_rows, backward_blocks, eps, interpret=True)))
   else:
-    outputs = _layer_norm(_Config(block_rows, eps, interpret), *operands)
+    outputs = _layer_norm(_Config(block_rows, backward_blocks, eps, interpret), *operands)
   return tuple(out[:rows].reshape(x.shape) for out in outputs)
