@@ -13,7 +13,6 @@ import pytest
 
 from admin_jax import cli
 from admin_jax import flops
-from admin_jax import losses
 from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train as train_lib
