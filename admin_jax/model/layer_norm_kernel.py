@@ -7,8 +7,8 @@ again. In the plans of the big6 step that is about a third of all its memory tra
 Here one kernel reads x and the branch once and writes the output, its copy in the branch's dtype
 (what the next branch's matmuls read) and two statistics per token; one backward kernel reads both
 output gradients (the stream's and the copy's, summed here rather than by a pass of XLA's), x and
-the branch once, and writes both input gradients and, per block of rows, partial sums of the three
-parameter gradients (summed after).
+the branch once, and writes both input gradients and, per program (a loop over blocks of rows),
+partial sums of the three parameter gradients (summed after).
 
 Float32 throughout, as `layers.residual_layer_norm`, whose results these equal to rounding.
 `interpret=None` compiles with Triton for CUDA and runs the Pallas interpreter elsewhere (tests).
