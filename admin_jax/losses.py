@@ -30,6 +30,11 @@ def _merge(a: _RowStatistics, b: _RowStatistics) -> _RowStatistics:
                         a.target + b.target)
 
 
+def _is_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """[..., vocab] boolean: True at each row's target column."""
+  return jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+
+
 @jax.custom_vjp
 def _log_partition_and_sums(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(log-sum-exp, target logit, sum of logits) of every row, in float32, from one read of the logits.
@@ -39,7 +44,7 @@ def _log_partition_and_sums(logits: jax.Array, targets: jax.Array) -> tuple[jax.
   big6's 113 ms step). One variadic reduction with the online log-sum-exp merge reads it once.
   """
   x = logits.astype(jnp.float32)
-  is_target = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == targets[..., None]
+  is_target = _is_target(x, targets)
   identity = _RowStatistics(*(jnp.float32(v) for v in (-jnp.inf, 0.0, 0.0, 0.0)))
   rows = jax.lax.reduce(_RowStatistics(x, jnp.ones_like(x), x, jnp.where(is_target, x, 0.0)), identity,
                         lambda a, b: _merge(_RowStatistics(*a), _RowStatistics(*b)), (x.ndim - 1,))
@@ -56,7 +61,7 @@ def _log_partition_and_sums_backward(saved, grads):
   logits, targets, lse = saved
   d_lse, d_target, d_sum = (g[..., None] for g in grads)
   x = logits.astype(jnp.float32)
-  is_target = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == targets[..., None]
+  is_target = _is_target(x, targets)
   d_logits = d_lse * jnp.exp(x - lse[..., None]) + jnp.where(is_target, d_target, 0.0) + d_sum
   return d_logits.astype(logits.dtype), None
 

@@ -64,7 +64,8 @@ def main(argv):
   segments = jnp.ones(shape[:2], jnp.int32)
   seed = jnp.uint32(1)
   per_layer = {}
-  for block_q, block_k, num_warps, num_stages in map(_tiling, _TILINGS.value):
+  for tiling in map(_tiling, _TILINGS.value):
+    block_q, block_k, num_warps, num_stages = tiling
     record = dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     for causal in (False, True):
       # Every array is an argument: closed over, XLA would constant-fold them for seconds per compile.
@@ -84,8 +85,7 @@ def main(argv):
         record['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}'
         break
     if 'error' not in record:
-      per_layer[(block_q, block_k, num_warps, num_stages)] = 2 * record['full_train_ms'] + record['causal_train_ms']
-      record['layer_train_ms'] = per_layer[(block_q, block_k, num_warps, num_stages)]
+      record['layer_train_ms'] = per_layer[tiling] = 2 * record['full_train_ms'] + record['causal_train_ms']
     print(json.dumps(record), flush=True)
   if per_layer:
     best = min(per_layer, key=per_layer.get)
