@@ -10,7 +10,9 @@ counts the slice, and an in-place dynamic-update-slice counts the update, not th
 otherwise a scanned stack would be charged its stacked weights and residuals on every layer. An
 asynchronous pair (`fusion-start`/`fusion-done`, which XLA 0.11 emits for some fusions in loops, or
 `async-start`/`async-done` around a wrapped computation) counts as the op it runs, once: charged
-its tuple of operands and result, twice over, it made a scanned big18 step look 4.6 TB.
+its tuple of operands and result, twice over, it made a scanned big18 step look 4.6 TB. A custom
+call's operand that an output aliases (`output_to_operand_aliasing`: a Pallas kernel writing into a
+buffer that another filled in part) counts as written by that output, not read as well.
 """
 
 import collections
@@ -23,6 +25,7 @@ _INSTRUCTION = re.compile(r'^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$
 _ARRAY = re.compile(r'\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_ALIASED_OPERAND = re.compile(r'\{[\d,]*\}: \((\d+),')
 
 # Ops that move no data of their own: views, tuples and bookkeeping.
 _FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all', 'partition-id',
@@ -104,8 +107,11 @@ class _Estimator:
     self.counts = collections.Counter()
 
   def _operand_and_result_bytes(self, instruction: _Instruction) -> int:
+    """Each distinct operand once, less those an output aliases, and the result."""
+    aliasing = re.search(r'output_to_operand_aliasing=\{(.*?)\}(?:,|$)', instruction.attributes)
+    aliased = {instruction.operands[int(i)] for i in _ALIASED_OPERAND.findall(aliasing.group(1))} if aliasing else set()
     return _array_bytes(instruction.shape) + sum(_array_bytes(self.shapes.get(o, ''))
-                                                 for o in dict.fromkeys(instruction.operands))
+                                                 for o in dict.fromkeys(instruction.operands) if o not in aliased)
 
   def _fusion_bytes(self, instruction: _Instruction) -> int:
     """Operands and result of a fusion, with sliced operands counted as their slices and a root

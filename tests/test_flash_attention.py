@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from admin_jax.model.attention import Visibility, attend
-from admin_jax.model.flash_attention import dropout_keep_mask, flash_attention
+from admin_jax.model.flash_attention import Part, dropout_keep_mask, flash_attention
 
 # The documented quantisation: the drop threshold is round(rate * 2^16) out of 2^16 levels.
 LEVELS = 2 ** 16
@@ -183,6 +183,52 @@ def test_inside_checkpointed_scan():
   assert_close(jax.jit(jax.grad(stack(flash)))(q), jax.grad(stack(reference_attention))(q), 1e-5)
 
 
+@pytest.mark.parametrize('layout', ['self_attention_qkv', 'cross_attention_q_kv'])
+def test_parts_of_fused_projections_match_separate_arrays(layout):
+  """Q, K and V read in place from the arrays a fused projection writes (one [b, l, 3, h, d] for
+  self-attention; [b, q, 1, h, d] and [b, k, 2, h, d] for cross-attention), their biases added and
+  the queries scaled inside: the output and the gradients of those whole arrays and of the biases
+  equal the float32 reference's on the parts sliced out."""
+  case = CASES['causal_dropout_padded' if layout == 'self_attention_qkv' else 'cross_dropout_padded']
+  q, k, v, q_segments, k_segments, cotangent = inputs(case)
+  scale, seed = 0.3, jnp.uint32(SEED)
+  rng = np.random.default_rng(1)
+  if layout == 'self_attention_qkv':
+    sources = (jnp.stack([q, k, v], axis=2),)
+    parts = lambda qkv, bias: (Part(qkv, 0, bias), Part(qkv, 1, bias), Part(qkv, 2, bias))
+  else:
+    sources = (q[:, :, None], jnp.stack([k, v], axis=2))
+    parts = lambda q, kv, q_bias, kv_bias: (Part(q, 0, q_bias), Part(kv, 0, kv_bias), Part(kv, 1, kv_bias))
+  biases = tuple(jnp.asarray(rng.normal(size=x.shape[2:]), jnp.float32) for x in sources)
+
+  def flash(*arrays):
+    return flash_attention(*parts(*arrays), q_segments, k_segments, causal=case.causal, dropout_rate=case.rate,
+                           seed=seed, scale=scale, block_q=case.block_q, block_k=case.block_k)
+
+  def reference(*arrays):
+    q, k, v = (part.array() for part in parts(*arrays))
+    return reference_attention(q * scale, k, v, q_segments, k_segments, causal=case.causal, rate=case.rate, seed=seed)
+
+  out, vjp = jax.vjp(jax.jit(flash), *sources, *biases)
+  expected, expected_vjp = jax.vjp(reference, *sources, *biases)
+  assert_close(out, expected, 1e-5)
+  grads, wanted = vjp(cotangent), expected_vjp(cotangent)
+  for grad, want in zip(grads[:len(sources)], wanted):
+    for part in range(grad.shape[2]):  # each part (Q's scaled) against its own magnitude
+      assert_close(grad[:, :, part], want[:, :, part], 1e-5)
+  # Whole: the keys' bias has no gradient (softmax ignores a shift of every logit of a row).
+  for grad, want in zip(grads[len(sources):], wanted[len(sources):]):
+    assert_close(grad, want, 1e-5)
+
+
+def test_every_part_of_a_source_must_be_attended():
+  q, k, v, segments, _, _ = inputs(CASES['causal_dropout'])
+  qkv = jnp.stack([q, k, v, v], axis=2)
+  with pytest.raises(ValueError, match='parts'):
+    flash_attention(Part(qkv, 0), Part(qkv, 1), Part(qkv, 2), segments, segments, causal=True, dropout_rate=0.0,
+                    seed=None)
+
+
 def agreement(a: jax.Array, b: jax.Array) -> float:
   return float((a == b).mean())
 
@@ -244,15 +290,24 @@ def test_lowers_for_triton():
     out = flash_attention(q, k, v, q_segments, k_segments, causal=True, dropout_rate=0.1, seed=seed, interpret=False)
     return out.astype(jnp.float32).sum()
 
-  traced = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, *segments, jax.ShapeDtypeStruct((), jnp.uint32))
-  try:
-    lowered = traced.lower(lowering_platforms=('cuda',)).as_text()
-  except RuntimeError as error:
-    if 'compilation handler' not in str(error):
-      raise
-    pytest.skip(f'this jaxlib compiles Triton kernels while lowering and has no CUDA plugin: {error}')
-  for kernel in ('flash_attention_forward', 'flash_attention_dkv', 'flash_attention_dq'):
-    assert f'"{kernel}"' in lowered
+  def fused_loss(qkv, segments, seed):  # self-attention reading one fused projection, 3 parts
+    parts = (Part(qkv, 0), Part(qkv, 1), Part(qkv, 2))
+    out = flash_attention(*parts, segments, segments, causal=True, dropout_rate=0.1, seed=seed, scale=0.125,
+                          interpret=False)
+    return out.astype(jnp.float32).sum()
+
+  seed = jax.ShapeDtypeStruct((), jnp.uint32)
+  qkv = jax.ShapeDtypeStruct((2, 100, 3, 4, 64), jnp.bfloat16)
+  for traced in (jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, *segments, seed),
+                 jax.jit(jax.grad(fused_loss)).trace(qkv, segments[0], seed)):
+    try:
+      lowered = traced.lower(lowering_platforms=('cuda',)).as_text()
+    except RuntimeError as error:
+      if 'compilation handler' not in str(error):
+        raise
+      pytest.skip(f'this jaxlib compiles Triton kernels while lowering and has no CUDA plugin: {error}')
+    for kernel in ('flash_attention_forward', 'flash_attention_dkv', 'flash_attention_dq'):
+      assert f'"{kernel}"' in lowered
 
 
 @pytest.mark.parametrize('blind_queries_average', [True, False])
@@ -263,7 +318,7 @@ def test_attend_sets_queries_without_keys_only_where_asked(blind_queries_average
   case = CASES['cross_dropout_padded']
   q, k, v, q_segments, k_segments, _ = inputs(case)
   visibility = Visibility(q_segments, k_segments, blind_queries_average=blind_queries_average)
-  flash, xla = (attend(q, k, v, visibility, dropout_rate=0.0, rng=None, impl=impl) for impl in ('flash', 'xla'))
+  flash, xla = (attend(q, k, v, visibility, scale=1.0, dropout_rate=0.0, rng=None, impl=impl) for impl in ('flash', 'xla'))
   blind = ~visibility.mask().any(-1)[:, 0]  # [batch, q]
   assert blind.any() and (~blind).any()
   assert_close(flash[~blind], xla[~blind], 1e-5)

@@ -95,3 +95,21 @@ def test_an_async_fusion_counts_as_the_fusion_it_runs():
   for ops in asynchronous:
     assert traffic.total_bytes(ops) == traffic.total_bytes(plain)
     assert [op.kind for op in ops] == [op.kind for op in plain] == ['fusion:kLoop']
+
+
+@pytest.mark.parametrize('aliasing', ['', ', output_to_operand_aliasing={{}: (2, {})}'])
+def test_a_kernel_reads_a_repeated_operand_once_and_writes_into_an_aliased_one(aliasing):
+  """A Pallas kernel called with one buffer as several operands (Q, K and V parts of one projection)
+  reads it once; one whose output aliases an operand (a gradient another kernel filled in part)
+  writes that buffer instead of reading it too."""
+  program = f'''HloModule kernel
+
+ENTRY %main (p0: f32[1024,256], p1: f32[1024,256]) -> f32[1024,256] {{
+  %p0 = f32[1024,256]{{1,0}} parameter(0)
+  %p1 = f32[1024,256]{{1,0}} parameter(1)
+  ROOT %k = f32[1024,256]{{1,0}} custom-call(%p0, %p0, %p1), custom_call_target="__gpu$xla.gpu.triton"{aliasing}
+}}
+'''
+  ops = traffic.estimate(program)
+  assert [op.kind for op in ops] == ['custom-call:__gpu$xla.gpu.triton']
+  assert traffic.total_bytes(ops) == (2 if aliasing else 3) * MIB

@@ -18,6 +18,7 @@ from admin_jax import sharding
 from admin_jax.model import dropout
 from admin_jax.model import flash_attention
 from admin_jax.model import layers
+from admin_jax.model.flash_attention import Part
 from admin_jax.sharding import constrain
 
 # Large but finite, so that a query with no visible key (a padding row) yields a uniform
@@ -50,9 +51,19 @@ class Visibility(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of one attention layer: [batch, length, heads, head_dim]."""
-  key: jax.Array
-  value: jax.Array
+  """Keys and values of one attention layer: [batch, length, heads, head_dim] arrays, or (from
+  `Attention.key_value`) parts of the one array their projection wrote, which the flash kernels read
+  in place; `arrays()` gives arrays, as a decoding cache holds them."""
+  key: jax.Array | Part
+  value: jax.Array | Part
+
+  def arrays(self) -> 'KVCache':
+    return KVCache(_array(self.key), _array(self.value))
+
+
+def _array(x: jax.Array | Part) -> jax.Array:
+  """A [batch, length, heads, head_dim] array, sliced out of its projection if a `Part` of one."""
+  return x.array() if isinstance(x, Part) else x
 
 
 @jax.custom_vjp
@@ -85,8 +96,8 @@ def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
-           dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+def _flash(query: Part, key: Part, value: Part, visibility: Visibility, *, scale: float, dropout_rate: float,
+           rng: jax.Array | None) -> jax.Array:
   """flash_attention on each device's shard of the batch and heads, under the current mesh.
 
   A Pallas call is opaque to XLA's partitioner, hence shard_map. Each shard folds its index into
@@ -94,33 +105,43 @@ def _flash(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   """
   seed = jnp.zeros((), jnp.int32) if rng is None else dropout.seed_from(rng)
   rate = dropout_rate if rng is not None else 0.0
+  sources, roles = flash_attention.distinct_sources((query, key, value))
+  sources, biases = [x.source for x in sources], [x.bias for x in sources]
 
-  def local(q, k, v, q_segments, k_segments, seed, shard_axes=()):
+  def local(sources, biases, q_segments, k_segments, seed, shard_axes=()):
     if shard_axes:
       seed = dropout.fold_in(seed, jax.lax.axis_index(shard_axes))
-    return flash_attention.flash_attention(q, k, v, q_segments, k_segments, causal=visibility.causal,
-                                           dropout_rate=rate, seed=seed if rate else None)
+    parts = (Part(sources[source], part, biases[source]) for source, part in roles)
+    return flash_attention.flash_attention(*parts, q_segments, k_segments, causal=visibility.causal,
+                                           dropout_rate=rate, seed=seed if rate else None, scale=scale)
 
-  operands = (query, key, value, visibility.query_segments, visibility.key_segments, seed)
+  operands = (sources, biases, visibility.query_segments, visibility.key_segments, seed)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(*operands)
-  axes = ('batch', 'length', 'heads', 'kv')
-  q_spec = sharding.logical_to_spec(axes, query.shape, dict(mesh.shape))
-  kv_spec = sharding.logical_to_spec(axes, key.shape, dict(mesh.shape))
+  mesh_shape = dict(mesh.shape)
+  source_specs = [sharding.logical_to_spec(('batch', 'length', 'qkv', 'heads', 'kv'), source.shape, mesh_shape)
+                  for source in sources]
+  q_shape = query.source.shape[:2] + query.source.shape[3:]
+  q_spec = sharding.logical_to_spec(('batch', 'length', 'heads', 'kv'), q_shape, mesh_shape)
   shard_axes = _mesh_axes(q_spec[0]) + _mesh_axes(q_spec[2])  # the batch's and the heads'
-  specs = (q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None), jax.P(kv_spec[0], None), jax.P())
+  bias_specs = [None if bias is None else sharding.logical_to_spec(('qkv', 'heads', 'kv'), bias.shape, mesh_shape)
+                for bias in biases]
+  specs = (source_specs, bias_specs, jax.P(q_spec[0], None), jax.P(source_specs[roles[1][0]][0], None), jax.P())
   return jax.shard_map(functools.partial(local, shard_axes=shard_axes), mesh=mesh, in_specs=specs,
                        out_specs=q_spec, check_vma=False)(*operands)
 
 
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visibility, *,
-           dropout_rate: float, rng: jax.Array | None, impl: str = 'xla') -> jax.Array:
-  """softmax(q k^T) v by `impl` (see the module docstring).
+def attend(query: jax.Array | Part, key: jax.Array | Part, value: jax.Array | Part, visibility: Visibility, *,
+           scale: float, dropout_rate: float, rng: jax.Array | None, impl: str = 'xla') -> jax.Array:
+  """softmax(scale * q k^T) v by `impl` (see the module docstring); q, k, v [batch, length, heads,
+  head_dim], each an array or a `Part` of the array a fused projection wrote.
 
-  The 'xla' path computes the logits in the compute dtype, as the reference's fp16 training and
-  T5X's and MaxText's defaults do, and the softmax in float32. float32 logits would double the
-  bytes of the largest tensors of the step and turn both backward matmuls of q k^T into TF32 ones.
+  The queries are scaled in the compute dtype. The 'xla' path computes the logits in that dtype,
+  as the reference's fp16 training and T5X's and MaxText's defaults do, and the softmax in float32.
+  float32 logits would double the bytes of the largest tensors of the step and turn both backward
+  matmuls of q k^T into TF32 ones. 'flash' reads parts in place: no slices, and their gradients
+  are written into the projection's.
 
   'cudnn' has no dropout: it is only valid with attention dropout off. A single query (a
   decoding step) always takes the 'xla' path: there is nothing to fuse.
@@ -133,21 +154,26 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visibility: Visib
   over the output and a reduction over the values that training, which never reads them, skips.
   """
   mask = visibility.mask()
-  if impl == 'xla' or query.shape[1] == 1:
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
-    probs = _softmax(jnp.where(mask, logits, _MASKED))
-    return jnp.einsum('bhqk,bkhd->bqhd', dropout.apply_to_probabilities(probs, dropout_rate, rng), value)
-  if impl == 'flash':
-    context = _flash(query, key, value, visibility, dropout_rate=dropout_rate, rng=rng)
+  if impl == 'flash' and _array(query).shape[1] > 1:
+    parts = (x if isinstance(x, Part) else Part.of(x) for x in (query, key, value))
+    context = _flash(*parts, visibility, scale=scale, dropout_rate=dropout_rate, rng=rng)
   else:
+    query, key = _array(query), _array(key)
+    query = query * jnp.asarray(scale, query.dtype)
+    if impl == 'xla' or query.shape[1] == 1:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+      probs = _softmax(jnp.where(mask, logits, _MASKED))
+      probs = dropout.apply_to_probabilities(probs, dropout_rate, rng)
+      return jnp.einsum('bhqk,bkhd->bqhd', probs, _array(value))
     if rng is not None and dropout_rate > 0:
       raise ValueError("cuDNN attention has no dropout: set model.attention_dropout=0")
     implementation = 'cudnn' if jax.default_backend() == 'gpu' else None
-    context = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
+    context = jax.nn.dot_product_attention(query, key, _array(value), mask=mask, scale=1.0,
+                                           implementation=implementation)
   if not visibility.blind_queries_average:
     return context
   sees_a_key = mask.any(-1)[:, 0, :, None, None]  # [batch, q, 1, 1]
-  return jnp.where(sees_a_key, context, value.mean(1, keepdims=True).astype(context.dtype))
+  return jnp.where(sees_a_key, context, _array(value).mean(1, keepdims=True).astype(context.dtype))
 
 
 class Attention(nnx.Module):
@@ -178,17 +204,19 @@ class Attention(nnx.Module):
     self.scale = head_dim ** -0.5
     self.impl = impl
 
-  def _project(self, x: jax.Array, parts: slice) -> jax.Array:
+  def _project(self, x: jax.Array, parts: slice) -> list[Part]:
+    """Q, K and/or V of x from one matmul, as parts of its output with the bias still to add:
+    XLA adds it where it slices them out, the flash kernels where they read them."""
     kernel = self.qkv[...][:, parts].astype(x.dtype)
-    y = jnp.einsum('bld,dphk->blphk', x, kernel) + self.qkv_bias[...][parts].astype(x.dtype)
-    return constrain(y, ('batch', 'length', 'qkv', 'heads', 'kv'))
+    y = constrain(jnp.einsum('bld,dphk->blphk', x, kernel), ('batch', 'length', 'qkv', 'heads', 'kv'))
+    bias = self.qkv_bias[...][parts].astype(x.dtype)
+    return [Part(y, i, bias) for i in range(y.shape[2])]
 
-  def query(self, x: jax.Array) -> jax.Array:
-    return self._project(x, slice(0, 1))[:, :, 0] * jnp.asarray(self.scale, x.dtype)
+  def query(self, x: jax.Array) -> Part:
+    return self._project(x, slice(0, 1))[0]
 
   def key_value(self, memory: jax.Array) -> KVCache:
-    kv = self._project(memory, slice(1, 3))
-    return KVCache(kv[:, :, 0], kv[:, :, 1])
+    return KVCache(*self._project(memory, slice(1, 3)))
 
   def output(self, context: jax.Array) -> jax.Array:
     y = jnp.einsum('blhk,hkd->bld', context, self.out[...].astype(context.dtype))
@@ -197,22 +225,20 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, visibility: Visibility, *, dropout_rate: float,
                rng: jax.Array | None) -> jax.Array:
     """Self-attention: Q, K and V from one matmul against the whole fused kernel."""
-    qkv = self._project(x, slice(0, 3))
-    query = qkv[:, :, 0] * jnp.asarray(self.scale, x.dtype)
-    context = attend(query, qkv[:, :, 1], qkv[:, :, 2], visibility, dropout_rate=dropout_rate, rng=rng,
-                     impl=self.impl)
+    context = attend(*self._project(x, slice(0, 3)), visibility, scale=self.scale, dropout_rate=dropout_rate,
+                     rng=rng, impl=self.impl)
     return self.output(context)
 
   def attend_to(self, x: jax.Array, kv: KVCache, visibility: Visibility, *,
                 dropout_rate: float, rng: jax.Array | None) -> jax.Array:
     """Attention of `x` over precomputed keys and values (the decoder's cross-attention cache)."""
-    context = attend(self.query(x), kv.key, kv.value, visibility, dropout_rate=dropout_rate, rng=rng,
-                     impl=self.impl)
+    context = attend(self.query(x), kv.key, kv.value, visibility, scale=self.scale, dropout_rate=dropout_rate,
+                     rng=rng, impl=self.impl)
     return self.output(context)
 
   def cached_self_attention(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
     """One decoding step: writes this position's key/value at `index`, attends to positions <= index."""
-    new = self.key_value(x)
+    new = self.key_value(x).arrays()
     cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1)
                       for c, n in zip(cache, new)))
     batch, length = cache.key.shape[:2]

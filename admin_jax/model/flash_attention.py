@@ -5,7 +5,10 @@ HBM, and recomputes the softmax in the backward pass; cuDNN flash attention avoi
 dropout, which the paper's recipe (Admin, fairseq) uses on attention probabilities. These kernels
 keep each [block_q, block_k] tile in registers: the forward pass runs an online softmax over key
 blocks, and the dropout keep-mask is a counter-based hash of (seed, batch, head, query, key), so the
-backward kernels regenerate exactly the forward's mask instead of reading it back.
+backward kernels regenerate exactly the forward's mask instead of reading it back. Q, K and V may be
+parts of the one array their fused projection wrote (`Part`): the kernels read them in place and write
+their gradients into that array's gradient, so slicing them out and concatenating their gradients
+for the projection's backward matmuls are no passes of their own.
 
 Everything here is also plain jnp, so interpret mode runs the same kernels on the CPU for tests.
 """
@@ -32,6 +35,26 @@ _MIN_BLOCK = 16  # Triton's tl.dot needs every matmul dimension >= 16
 # them keeps the forward kernel from running a second time in the backward pass.
 OUTPUT_NAME = 'flash_attention_output'
 LOGSUMEXP_NAME = 'flash_attention_logsumexp'
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Part:
+  """Q, K or V as part `index` of a [batch, length, parts, heads, head_dim] array plus its bias
+  ([parts, heads, head_dim], or None), as one matmul projects them together (attention.Attention).
+  Not a pytree: the index is static."""
+  source: jax.Array
+  index: int
+  bias: jax.Array | None = None
+
+  @classmethod
+  def of(cls, x: jax.Array) -> 'Part':
+    """A [batch, length, heads, head_dim] array as the only part of itself."""
+    return cls(x[:, :, None], 0)
+
+  def array(self) -> jax.Array:
+    """The part, bias added, as a [batch, length, heads, head_dim] array of its own (a copy)."""
+    part = self.source[:, :, self.index]
+    return part if self.bias is None else part + self.bias[self.index]
 
 
 def _keep(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, k_len: int,
@@ -61,6 +84,8 @@ class _Config:
   """Static parameters of one attention call (hashable: custom_vjp's non-differentiable argument)."""
   causal: bool
   threshold: int  # 0: no dropout
+  softmax_scale: float  # multiplies q k^T
+  roles: tuple[tuple[int, int], ...]  # (source, part) of Q, K and V among the sources the kernels read
   block_q: int
   block_k: int
   num_heads: int
@@ -70,8 +95,14 @@ class _Config:
   interpret: bool
 
   @property
-  def scale(self) -> float:
+  def keep_scale(self) -> float:
     return dropout.keep_scale(self.threshold)
+
+  @property
+  def kv_sources(self) -> tuple[int, ...]:
+    """The sources of K and V, each once: the dK/dV kernel writes one gradient for each."""
+    (_, _), (k_source, _), (v_source, _) = self.roles
+    return (k_source,) if k_source == v_source else (k_source, v_source)
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -83,6 +114,17 @@ def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   """
   return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
+
+
+def _scaled_queries(cfg: _Config, q: jax.Array) -> jax.Array:
+  """A tile of queries times the softmax scale, in their dtype, as the XLA path scales them."""
+  return q if cfg.softmax_scale == 1.0 else q * jnp.asarray(cfg.softmax_scale, q.dtype)
+
+
+def _biased(tile: jax.Array, bias: jax.Array) -> jax.Array:
+  """A [rows, head_dim] tile of Q, K or V with its projection's bias added, in their dtype: the
+  projection's matmul writes them without it, so that no pass of XLA's adds it."""
+  return tile + bias[None, :]
 
 
 def _positions(block: int, size: int) -> jax.Array:
@@ -127,7 +169,8 @@ def _key_blocks(cfg: _Config, q_block: jax.Array, num_k_blocks: int) -> jax.Arra
   return jnp.minimum(num_k_blocks, lax.div((q_block + 1) * cfg.block_q + cfg.block_k - 1, cfg.block_k))
 
 
-def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, cfg: _Config):
+def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_ref, q_seg_ref, k_seg_ref, o_ref,
+                    lse_ref, *, cfg: _Config):
   """One query block of one (batch, head): online softmax over key blocks (base 2: exp2 is cheaper).
 
   m is the running max of the base-2 logits, l the running sum of exp2(s - m) over all visible keys
@@ -135,7 +178,8 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, 
   """
   q_block = pl.program_id(2)
   key = _program_key(cfg, seed_ref)
-  q = q_ref[...]
+  q = _scaled_queries(cfg, _biased(q_ref[...], q_bias_ref[...]))
+  k_bias, v_bias = k_bias_ref[...], v_bias_ref[...]
   q_segments = q_seg_ref[...]
   rows = _positions(q_block, cfg.block_q)
 
@@ -144,12 +188,12 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, 
     keys = pl.ds(k_block * cfg.block_k, cfg.block_k)
     cols = _positions(k_block, cfg.block_k)
     visible = _visible(q_segments, k_seg_ref[keys], rows, cols, cfg.causal)
-    s = jnp.where(visible, _matmul(q, k_ref[keys, :], (1, 1)) * _LOG2E, _MASKED)
+    s = jnp.where(visible, _matmul(q, _biased(k_ref[keys, :], k_bias), (1, 1)) * _LOG2E, _MASKED)
     m_next = jnp.maximum(m, s.max(axis=-1))
     p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
     correction = jnp.exp2(m - m_next)
     l = l * correction + p.sum(axis=-1)
-    v = v_ref[keys, :]
+    v = _biased(v_ref[keys, :], v_bias)
     kept = _drop(_tile_keep(cfg, key, rows, cols), p, 1.0)  # the 1 / keep scale is applied at the end
     acc = acc * correction[:, None] + _matmul(kept.astype(v.dtype), v, (1, 0))
     return acc, m_next, l
@@ -161,7 +205,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, 
   # backward pass's exp2(s - lse) is 0 there too.
   seen = l > 0
   l = jnp.where(seen, l, 1.0)
-  o_ref[...] = (acc * (cfg.scale / l)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (acc * (cfg.keep_scale / l)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log2(l), jnp.inf)
 
 
@@ -171,16 +215,19 @@ def _probabilities(cfg: _Config, q, k, q_segments, k_segments, lse, rows, cols) 
   return jnp.where(visible, jnp.exp2(_matmul(q, k, (1, 1)) * _LOG2E - lse[:, None]), 0.0)
 
 
-def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, cfg: _Config):
+def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_ref, q_seg_ref, k_seg_ref, do_ref,
+                lse_ref, delta_ref, *grad_refs, cfg: _Config):
   """dK and dV of one key block, looping over the query blocks that can see it.
 
   With P the softmax and Z the scaled keep-mask: O = (Z * P) V, so dV = (Z * P)^T dO, and
-  dS = P * (Z * (dO V^T) - D) with D = rowsum(dO * O); dK = dS^T Q (the caller pre-scaled Q).
+  dS = P * (Z * (dO V^T) - D) with D = rowsum(dO * O); dK = dS^T Q, Q scaled. `grad_refs` end with
+  the gradient blocks of `cfg.kv_sources` ([block_k, parts, head_dim] each), after the input that
+  one of them aliases when Q shares its source (its Q part, written by _dq_kernel, is left as is).
   """
   k_block = pl.program_id(2)
   key = _program_key(cfg, seed_ref)
-  k, v = k_ref[...], v_ref[...]
+  k, v = _biased(k_ref[...], k_bias_ref[...]), _biased(v_ref[...], v_bias_ref[...])
+  q_bias = q_bias_ref[...]
   k_segments = k_seg_ref[...]
   cols = _positions(k_block, cfg.block_k)
 
@@ -188,11 +235,11 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse
     dk, dv = carry
     queries = pl.ds(q_block * cfg.block_q, cfg.block_q)
     rows = _positions(q_block, cfg.block_q)
-    q, do = q_ref[queries, :], do_ref[queries, :]
+    q, do = _scaled_queries(cfg, _biased(q_ref[queries, :], q_bias)), do_ref[queries, :]
     p = _probabilities(cfg, q, k, q_seg_ref[queries], k_segments, lse_ref[queries], rows, cols)
     keep = _tile_keep(cfg, key, rows, cols)
-    dv = dv + _matmul(_drop(keep, p, cfg.scale).astype(do.dtype), do, (0, 0))
-    dp = _drop(keep, _matmul(do, v, (1, 1)), cfg.scale)
+    dv = dv + _matmul(_drop(keep, p, cfg.keep_scale).astype(do.dtype), do, (0, 0))
+    dp = _drop(keep, _matmul(do, v, (1, 1)), cfg.keep_scale)
     ds = p * (dp - delta_ref[queries][:, None])
     dk = dk + _matmul(ds.astype(q.dtype), q, (0, 0))
     return dk, dv
@@ -200,30 +247,35 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse
   first = lax.div(k_block * cfg.block_k, cfg.block_q) if cfg.causal else 0
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(first, q_ref.shape[0] // cfg.block_q, body, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  outputs = grad_refs[-len(cfg.kv_sources):]
+  for (source, part), grad in zip(cfg.roles[1:], (dk, dv)):
+    out_ref = outputs[cfg.kv_sources.index(source)]
+    out_ref[:, part, :] = grad.astype(out_ref.dtype)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               cfg: _Config):
-  """dQ = dS K of one query block, looping over the key blocks it can see (dS as in _dkv_kernel)."""
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_ref, q_seg_ref, k_seg_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+  """dQ = scale * dS K of one query block, looping over the key blocks it can see (dS as in
+  _dkv_kernel), written into Q's part of its source's [block_q, parts, head_dim] gradient block."""
   q_block = pl.program_id(2)
   key = _program_key(cfg, seed_ref)
-  q, do = q_ref[...], do_ref[...]
+  q, do = _scaled_queries(cfg, _biased(q_ref[...], q_bias_ref[...])), do_ref[...]
+  k_bias, v_bias = k_bias_ref[...], v_bias_ref[...]
   q_segments, lse, delta = q_seg_ref[...], lse_ref[...], delta_ref[...]
   rows = _positions(q_block, cfg.block_q)
 
   def body(k_block, dq):
     keys = pl.ds(k_block * cfg.block_k, cfg.block_k)
     cols = _positions(k_block, cfg.block_k)
-    k = k_ref[keys, :]
+    k = _biased(k_ref[keys, :], k_bias)
     p = _probabilities(cfg, q, k, q_segments, k_seg_ref[keys], lse, rows, cols)
-    dp = _drop(_tile_keep(cfg, key, rows, cols), _matmul(do, v_ref[keys, :], (1, 1)), cfg.scale)
+    dp = _drop(_tile_keep(cfg, key, rows, cols), _matmul(do, _biased(v_ref[keys, :], v_bias), (1, 1)), cfg.keep_scale)
     ds = p * (dp - delta[:, None])
     return dq + _matmul(ds.astype(k.dtype), k, (1, 0))
 
   num_k_blocks = _key_blocks(cfg, q_block, k_ref.shape[0] // cfg.block_k)
-  dq_ref[...] = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
+  dq = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32)) * cfg.softmax_scale
+  dq_ref[:, cfg.roles[0][1], :] = dq.astype(dq_ref.dtype)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -233,12 +285,18 @@ def _compiler_params(num_warps: int, num_stages: int):
   return params(num_warps=num_warps, num_stages=num_stages)
 
 
-def _blocked(block: int, head_dim: int, tiled: bool):
-  """BlockSpec of a [batch, length, heads, head_dim] array for one (batch, head): block i of grid
-  axis 2 if `tiled`, else the whole (padded) length, which the kernel slices itself."""
+def _blocked(block: int, head_dim: int, tiled: bool, part: int = 0):
+  """BlockSpec of part `part` of a [batch, length, parts, heads, head_dim] array for one (batch, head):
+  block i of grid axis 2 if `tiled`, else the whole (padded) length, which the kernel slices itself."""
   if tiled:
-    return pl.BlockSpec((pl.squeezed, block, pl.squeezed, head_dim), lambda b, h, i: (b, i, h, 0))
-  return pl.BlockSpec((pl.squeezed, block, pl.squeezed, head_dim), lambda b, h, i: (b, 0, h, 0))
+    return pl.BlockSpec((pl.squeezed, block, pl.squeezed, pl.squeezed, head_dim), lambda b, h, i: (b, i, part, h, 0))
+  return pl.BlockSpec((pl.squeezed, block, pl.squeezed, pl.squeezed, head_dim), lambda b, h, i: (b, 0, part, h, 0))
+
+
+def _all_parts(block: int, parts: int, head_dim: int):
+  """BlockSpec of block i of a [batch, length, parts, heads, head_dim] gradient, all its parts: the
+  kernels write theirs (a part at a time, so `parts` need not be a power of two)."""
+  return pl.BlockSpec((pl.squeezed, block, parts, pl.squeezed, head_dim), lambda b, h, i: (b, i, 0, h, 0))
 
 
 def _segments(block: int, tiled: bool):
@@ -258,83 +316,116 @@ def _rows(block: int, tiled: bool):
 _SEED_SPEC = pl.BlockSpec((1,), lambda b, h, i: (0,))
 
 
-def _call(kernel, cfg: _Config, grid: tuple[int, int, int], in_specs, out_specs, out_shape, name: str):
+def _bias(part: int, head_dim: int) -> pl.BlockSpec:
+  """BlockSpec of a [parts, heads, head_dim] bias: the vector of one part and head."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, head_dim), lambda b, h, i: (part, h, 0))
+
+
+def _bias_specs(cfg: _Config, head_dim: int) -> list[pl.BlockSpec]:
+  """BlockSpecs of the biases that Q, K and V add."""
+  return [_bias(part, head_dim) for _, part in cfg.roles]
+
+
+def _call(kernel, cfg: _Config, grid: tuple[int, int, int], in_specs, out_specs, out_shape, name: str,
+          input_output_aliases=None):
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=cfg.interpret, name=name,
+      out_shape=out_shape, interpret=cfg.interpret, name=name, input_output_aliases=input_output_aliases or {},
       compiler_params=_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def _forward(cfg: _Config, seed, q, k, v, q_seg, k_seg) -> tuple[jax.Array, jax.Array]:
-  """Output [b, q, h, d] and base-2 logsumexp [b, h, q] (float32)."""
-  batch, q_len, heads, dim = q.shape
+def _role_arrays(cfg: _Config, per_source) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What Q, K and V read of a per-source sequence (sources, biases): an array up to three times."""
+  return tuple(per_source[source] for source, _ in cfg.roles)
+
+
+def _forward(cfg: _Config, seed, sources, biases, q_seg, k_seg) -> tuple[jax.Array, jax.Array]:
+  """Output [b, q, 1, h, d] and base-2 logsumexp [b, h, q] (float32)."""
+  q, k, v = _role_arrays(cfg, sources)
+  (_, q_part), (_, k_part), (_, v_part) = cfg.roles
+  batch, q_len, _, heads, dim = q.shape
   k_len = k.shape[1]
   in_specs = [_SEED_SPEC,
-              _blocked(cfg.block_q, dim, tiled=True),  # q
-              _blocked(k_len, dim, tiled=False),  # k
-              _blocked(k_len, dim, tiled=False),  # v
+              _blocked(cfg.block_q, dim, tiled=True, part=q_part),
+              _blocked(k_len, dim, tiled=False, part=k_part),
+              _blocked(k_len, dim, tiled=False, part=v_part),
+              *_bias_specs(cfg, dim),
               _segments(cfg.block_q, tiled=True),
               _segments(k_len, tiled=False)]
   return _call(
       _forward_kernel, cfg, (batch, heads, q_len // cfg.block_q), in_specs=in_specs,
       out_specs=[_blocked(cfg.block_q, dim, tiled=True), _rows(cfg.block_q, tiled=True)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
-      name='flash_attention_forward')(seed, q, k, v, q_seg, k_seg)
+      out_shape=[jax.ShapeDtypeStruct((batch, q_len, 1, heads, dim), q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+      name='flash_attention_forward')(seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg)
 
 
-def _backward(cfg: _Config, seed, q, k, v, q_seg, k_seg, out, lse, dout) -> tuple[jax.Array, ...]:
-  """dQ, dK, dV: one kernel per key block for dK and dV, one per query block for dQ (no atomics)."""
-  batch, q_len, heads, dim = q.shape
+def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse, dout) -> tuple[jax.Array, ...]:
+  """The gradient of each source: the dQ kernel (one program per query block) writes Q's part, then
+  the dK/dV kernel (one per key block: no atomics) K's and V's, into the same array where Q shares
+  their source."""
+  q, k, v = _role_arrays(cfg, sources)
+  (q_source, q_part), (_, k_part), (_, v_part) = cfg.roles
+  batch, q_len, _, heads, dim = q.shape
   k_len = k.shape[1]
   # D = rowsum(dO * O): O = (Z * P) V makes it equal rowsum(P * Z * (dO V^T)), as softmax's VJP needs.
-  delta = jnp.einsum('bqhd,bqhd->bhq', dout.astype(jnp.float32), out.astype(jnp.float32))
-  operands = (seed, q, k, v, q_seg, k_seg, dout, lse, delta)
-  dkv_specs = [_SEED_SPEC,
-               _blocked(q_len, dim, tiled=False),  # q
-               _blocked(cfg.block_k, dim, tiled=True),  # k
-               _blocked(cfg.block_k, dim, tiled=True),  # v
-               _segments(q_len, tiled=False),
-               _segments(cfg.block_k, tiled=True),
-               _blocked(q_len, dim, tiled=False),  # dO
-               _rows(q_len, tiled=False),  # logsumexp
-               _rows(q_len, tiled=False)]  # D
-  dk, dv = _call(
-      _dkv_kernel, cfg, (batch, heads, k_len // cfg.block_k), in_specs=dkv_specs,
-      out_specs=[_blocked(cfg.block_k, dim, tiled=True)] * 2,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      name='flash_attention_dkv')(*operands)
+  delta = jnp.einsum('bqphd,bqphd->bhq', dout.astype(jnp.float32), out.astype(jnp.float32))
+  operands = (seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg, dout, lse, delta)
   dq_specs = [_SEED_SPEC,
-              _blocked(cfg.block_q, dim, tiled=True),  # q
-              _blocked(k_len, dim, tiled=False),  # k
-              _blocked(k_len, dim, tiled=False),  # v
+              _blocked(cfg.block_q, dim, tiled=True, part=q_part),
+              _blocked(k_len, dim, tiled=False, part=k_part),
+              _blocked(k_len, dim, tiled=False, part=v_part),
+              *_bias_specs(cfg, dim),
               _segments(cfg.block_q, tiled=True),
               _segments(k_len, tiled=False),
               _blocked(cfg.block_q, dim, tiled=True),  # dO
               _rows(cfg.block_q, tiled=True),  # logsumexp
               _rows(cfg.block_q, tiled=True)]  # D
-  dq = _call(
+  d_q_source = _call(
       _dq_kernel, cfg, (batch, heads, q_len // cfg.block_q), in_specs=dq_specs,
-      out_specs=_blocked(cfg.block_q, dim, tiled=True),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=_all_parts(cfg.block_q, q.shape[2], dim), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       name='flash_attention_dq')(*operands)
-  return dq, dk, dv
+  dkv_specs = [_SEED_SPEC,
+               _blocked(q_len, dim, tiled=False, part=q_part),
+               _blocked(cfg.block_k, dim, tiled=True, part=k_part),
+               _blocked(cfg.block_k, dim, tiled=True, part=v_part),
+               *_bias_specs(cfg, dim),
+               _segments(q_len, tiled=False),
+               _segments(cfg.block_k, tiled=True),
+               _blocked(q_len, dim, tiled=False),  # dO
+               _rows(q_len, tiled=False),  # logsumexp
+               _rows(q_len, tiled=False)]  # D
+  kv_sources = [sources[source] for source in cfg.kv_sources]
+  kv_specs = [_all_parts(cfg.block_k, source.shape[2], dim) for source in kv_sources]
+  aliased = {}  # where Q shares a source with K or V, that output starts as the dQ kernel's
+  if q_source in cfg.kv_sources:
+    aliased = {len(operands): cfg.kv_sources.index(q_source)}
+    operands, dkv_specs = operands + (d_q_source,), dkv_specs + [kv_specs[cfg.kv_sources.index(q_source)]]
+  d_kv_sources = _call(
+      _dkv_kernel, cfg, (batch, heads, k_len // cfg.block_k), in_specs=dkv_specs, out_specs=kv_specs,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in kv_sources], input_output_aliases=aliased,
+      name='flash_attention_dkv')(*operands)
+  grads = dict(zip(cfg.kv_sources, d_kv_sources))
+  grads.setdefault(q_source, d_q_source)
+  return tuple(grads[i] for i in range(len(sources)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, seed, q, k, v, q_seg, k_seg) -> jax.Array:
-  return _forward(cfg, seed, q, k, v, q_seg, k_seg)[0]
+def _attention(cfg: _Config, seed, sources, biases, q_seg, k_seg) -> jax.Array:
+  return _forward(cfg, seed, sources, biases, q_seg, k_seg)[0]
 
 
-def _attention_fwd(cfg: _Config, seed, q, k, v, q_seg, k_seg):
-  out, lse = _forward(cfg, seed, q, k, v, q_seg, k_seg)
+def _attention_fwd(cfg: _Config, seed, sources, biases, q_seg, k_seg):
+  out, lse = _forward(cfg, seed, sources, biases, q_seg, k_seg)
   out, lse = checkpoint_name(out, OUTPUT_NAME), checkpoint_name(lse, LOGSUMEXP_NAME)
-  return out, (seed, q, k, v, q_seg, k_seg, out, lse)
+  return out, (seed, sources, biases, q_seg, k_seg, out, lse)
 
 
 def _attention_bwd(cfg: _Config, residuals, dout):
-  seed, q, k, v, q_seg, k_seg, out, lse = residuals
-  dq, dk, dv = _backward(cfg, seed, q, k, v, q_seg, k_seg, out, lse, dout)
-  return None, dq, dk, dv, None, None
+  seed, sources, biases, q_seg, k_seg, out, lse = residuals
+  d_sources = _backward(cfg, seed, sources, biases, q_seg, k_seg, out, lse, dout)
+  d_biases = tuple(d.sum((0, 1), dtype=jnp.float32).astype(b.dtype) for d, b in zip(d_sources, biases))
+  return None, d_sources, d_biases, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -354,46 +445,79 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, query_segments: jax.Array,
-                    key_segments: jax.Array, *, causal: bool, dropout_rate: float, seed: jax.Array | None,
-                    block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-                    interpret: bool | None = None) -> jax.Array:
-  """Dropout(softmax(q k^T)) v over packed rows, without materialising [b, h, q, k] in HBM.
+def distinct_sources(parts: tuple[Part, Part, Part]) -> tuple[list[Part], tuple[tuple[int, int], ...]]:
+  """The arrays that Q, K and V are parts of, each once (as its first part: source and bias), and
+  the (source, part) of each of Q, K, V.
 
-  query [b, q, h, d] must already carry the 1/sqrt(d) scale; key, value [b, k, h, d]. Query i sees
-  key j iff key_segments[j] > 0, query_segments[i] == key_segments[j] and (if causal) j <= i; a
-  query that sees no key gets output 0 and zero gradients. Softmax and accumulation are float32;
-  the result has query's dtype.
+  Every part of every source must be one of them: the kernels write the gradient of those parts
+  only, and the rest of such an array's gradient would be left undefined.
+  """
+  sources, roles = [], []
+  for part in parts:
+    index = next((i for i, source in enumerate(sources) if source.source is part.source), len(sources))
+    if index == len(sources):
+      sources.append(part)
+    elif sources[index].bias is not part.bias:
+      raise ValueError('the parts of one array must share its bias')
+    roles.append((index, part.index))
+  for index, source in enumerate(sources):
+    if sorted(part for i, part in roles if i == index) != list(range(source.source.shape[2])):
+      raise ValueError(f'flash_attention reads parts {[p for i, p in roles if i == index]} of an array of '
+                       f'{source.source.shape[2]} parts: each part must be exactly one of query, key and value')
+  return sources, tuple(roles)
+
+
+def flash_attention(query: jax.Array | Part, key: jax.Array | Part, value: jax.Array | Part,
+                    query_segments: jax.Array, key_segments: jax.Array, *, causal: bool, dropout_rate: float,
+                    seed: jax.Array | None, scale: float = 1.0, block_q: int = 64, block_k: int = 64,
+                    num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+  """Dropout(softmax(scale * q k^T)) v over packed rows, without materialising [b, h, q, k] in HBM.
+
+  query [b, q, h, d]; key, value [b, k, h, d]; each either an array or a `Part` of one array that
+  holds several of them ([b, length, parts, h, d], as a fused projection writes it, and its bias),
+  which the kernels then read in place, adding the bias, and whose gradient they write whole. The queries are multiplied by `scale` in
+  their dtype (the 1/sqrt(d) of attention). Query i sees key j iff key_segments[j] > 0,
+  query_segments[i] == key_segments[j] and (if causal) j <= i; a query that sees no key gets output 0
+  and zero gradients. Softmax and accumulation are float32; the result has query's dtype.
 
   Dropout drops p_ij where dropout_keep_mask(seed, [b, h, q, k], dropout_rate) is False and scales
   the kept ones by the inverse keep probability. `seed` is a traced int32/uint32 scalar (e.g.
   jax.random.bits(key, (), jnp.uint32)) so that every step can draw a new mask without
   recompiling; seed=None or dropout_rate=0 means no dropout. The mask depends on the local batch
-  index: under shard_map, fold the shard's index into `seed`, or shards share masks. Lengths and head_dim are padded
-  inside to the block sizes (and head_dim to a power of two >= 16), as Triton requires. The block
-  sizes, num_warps and num_stages are the Triton launch's tiling (benchmarks/flash_sweep.py times them).
-  `interpret=None` compiles the kernels with Triton for CUDA and runs the Pallas interpreter on
-  other platforms (slow; for tests), by the platform compiled for.
+  index: under shard_map, fold the shard's index into `seed`, or shards share masks. Lengths and
+  head_dim are padded inside to the block sizes (and head_dim to a power of two >= 16), as Triton
+  requires. The block sizes, num_warps and num_stages are the Triton launch's tiling
+  (benchmarks/flash_sweep.py times them). `interpret=None` compiles the kernels with Triton for CUDA
+  and runs the Pallas interpreter on other platforms (slow; for tests), by the platform compiled for.
   """
-  _, q_len, heads, dim = query.shape
-  k_len = key.shape[1]
-  if key.shape[-1] != dim or value.shape != key.shape:
-    raise ValueError(f'query {query.shape}, key {key.shape} and value {value.shape} do not match')
+  parts = tuple(x if isinstance(x, Part) else Part.of(x) for x in (query, key, value))
+  sources, roles = distinct_sources(parts)
+  biases = [jnp.zeros(x.source.shape[2:], x.source.dtype) if x.bias is None else x.bias for x in sources]
+  sources = [x.source for x in sources]
+  (batch, q_len, _, heads, dim), k_shape = parts[0].source.shape, parts[1].source.shape
+  k_len = k_shape[1]
+  if (k_shape[0], k_shape[3:]) != (batch, (heads, dim)) or parts[2].source.shape[:2] != k_shape[:2] or any(
+      source.shape[3:] != (heads, dim) for source in sources):
+    raise ValueError(f'query {parts[0].array().shape}, key {parts[1].array().shape} and value '
+                     f'{parts[2].array().shape} do not match')
   block_q, block_k = _block_size(block_q, q_len), _block_size(block_k, k_len)
   config = functools.partial(_Config, causal=causal, threshold=0 if seed is None else dropout.threshold(dropout_rate),
-                             block_q=block_q, block_k=block_k, num_heads=heads, k_len=k_len, num_warps=num_warps,
-                             num_stages=num_stages)
-  q_padded, k_padded = pl.cdiv(q_len, block_q) * block_q, pl.cdiv(k_len, block_k) * block_k
+                             softmax_scale=scale, roles=roles, block_q=block_q, block_k=block_k, num_heads=heads,
+                             k_len=k_len, num_warps=num_warps, num_stages=num_stages)
+  # A source's length padded to the blocks of every role it plays (powers of two: the largest).
+  blocks = [max(block_q if role == 0 else block_k for role, (i, _) in enumerate(roles) if i == index)
+            for index in range(len(sources))]
   dim_padded = max(_MIN_BLOCK, pl.next_power_of_2(dim))
-  operands = (jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1),
-              _pad(_pad(query, 1, q_padded), 3, dim_padded),
-              _pad(_pad(key, 1, k_padded), 3, dim_padded),
-              _pad(_pad(value, 1, k_padded), 3, dim_padded),
-              _pad(query_segments.astype(jnp.int32), 1, q_padded),
-              _pad(key_segments.astype(jnp.int32), 1, k_padded))
+  padded = [_pad(_pad(source, 1, pl.cdiv(source.shape[1], block) * block), 4, dim_padded)
+            for source, block in zip(sources, blocks)]
+  biases = tuple(_pad(bias.astype(source.dtype), 2, dim_padded) for bias, source in zip(biases, sources))
+  q_padded, k_padded = padded[roles[0][0]].shape[1], padded[roles[1][0]].shape[1]
+  seed = jnp.zeros((1,), jnp.int32) if seed is None else dropout.seed_int32(seed).reshape(1)
+  segments = (_pad(query_segments.astype(jnp.int32), 1, q_padded), _pad(key_segments.astype(jnp.int32), 1, k_padded))
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
-    out = lax.platform_dependent(*operands, cuda=functools.partial(_attention, config(interpret=False)),
-                                 default=functools.partial(_attention, config(interpret=True)))
+    out = lax.platform_dependent(
+        seed, tuple(padded), biases, *segments, cuda=functools.partial(_attention, config(interpret=False)),
+        default=functools.partial(_attention, config(interpret=True)))
   else:
-    out = _attention(config(interpret=interpret), *operands)
-  return out[:, :q_len, :, :dim]
+    out = _attention(config(interpret=interpret), seed, tuple(padded), biases, *segments)
+  return out[:, :q_len, 0, :, :dim]

@@ -388,7 +388,7 @@ class Transformer(nnx.Module):
     graphdef, params = nnx.split(self.decoder.layers)
 
     def cross_kv(layer_params):
-      return nnx.merge(graphdef, layer_params).cross_attention.key_value(memory.astype(dtype))
+      return nnx.merge(graphdef, layer_params).cross_attention.key_value(memory.astype(dtype)).arrays()
 
     cross = jax.lax.map(cross_kv, params)
     shape = (cfg.num_decoder_layers, memory.shape[0], max_len, cfg.num_heads, cfg.head_dim)
