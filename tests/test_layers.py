@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from admin_jax.model import dropout
+from admin_jax.model import layer_norm_kernel
 from admin_jax.model import layers
 
 SHAPE = (3, 5, 16)  # batch, length, d_model
@@ -109,3 +111,48 @@ def test_pallas_residual_layer_norm_needs_a_power_of_two_width():
   x = jnp.ones((2, 3, 24))
   with pytest.raises(ValueError, match='power-of-two model dimension, got 24'):
     layers.residual_layer_norm(x, x, jnp.ones(()), jnp.ones(24), jnp.zeros(24), impl='pallas')
+
+
+def _bias_and_dropout_inputs(np_rng, shape=(3, 37, 64)):
+  d = shape[-1]
+  x, branch, *cotangents = (jnp.asarray(np_rng.normal(0, 1, shape), jnp.float32) for _ in range(4))
+  shortcut, scale, bias = (jnp.asarray(np_rng.uniform(0.5, 2, d), jnp.float32) for _ in range(3))
+  branch_bias = jnp.asarray(np_rng.normal(0, 1, d), jnp.float32)
+  return (x, branch, shortcut, scale, bias, branch_bias), cotangents
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.3])
+def test_pallas_residual_layer_norm_applies_the_branch_bias_and_dropout(rate, np_rng):
+  """The kernels add the branch's bias and drop what dropout.apply drops (the XLA path applies
+  both as separate ops): the same output and gradients, the bias's included; where the mask drops
+  an element, the branch gets no gradient."""
+  (x, branch, shortcut, scale, bias, branch_bias), cotangents = _bias_and_dropout_inputs(np_rng)
+  rng = jax.random.key(3)
+  results = [jax.vjp(lambda *a, impl=impl: layers.residual_layer_norm(
+      *a[:5], impl, branch_bias=a[5], dropout_rate=rate, rng=rng), x, branch, shortcut, scale, bias, branch_bias)
+             for impl in IMPLS]
+  (want, want_vjp), (got, got_vjp) = results
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  got_grads, want_grads = got_vjp(tuple(cotangents)), want_vjp(tuple(cotangents))
+  for name, g, w in zip(('x', 'branch', 'shortcut', 'scale', 'bias', 'branch_bias'), got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4 * np.abs(w).max(), err_msg=name)
+  dropped = np.asarray(got_grads[1]) == 0
+  assert abs(dropped.mean() - rate) < 0.02
+
+
+def test_pallas_residual_layer_norm_masks_rows_by_their_global_index(np_rng):
+  """Under a mesh each device holds some rows of the batch; given those rows' global indices, the
+  kernels drop what they drop in the whole array: two halves computed apart equal the whole."""
+  (x, branch, shortcut, scale, bias, branch_bias), _ = _bias_and_dropout_inputs(np_rng, (4, 16, 64))
+  seed = jnp.int32(11)
+  run = functools.partial(layer_norm_kernel.residual_layer_norm, eps=layers.LN_EPS, seed=seed,
+                          drop_threshold=dropout.threshold(0.3))
+  whole = run(x, branch, branch_bias, shortcut, scale, bias)
+  row_ids = jnp.arange(64, dtype=jnp.int32).reshape(4, 16)
+  halves = [run(x[i:i + 2], branch[i:i + 2], branch_bias, shortcut, scale, bias, row_ids=row_ids[i:i + 2])
+            for i in (0, 2)]
+  for part, out in enumerate(whole):  # the same to rounding (blocks of other sizes sum in another order)
+    np.testing.assert_allclose(np.concatenate([h[part] for h in halves]), out, rtol=1e-5, atol=1e-5)
+  unshifted = run(x[2:], branch[2:], branch_bias, shortcut, scale, bias)  # as if rows 0 and 1
+  assert np.abs(unshifted[0] - whole[0][2:]).max() > 0.1

@@ -218,25 +218,25 @@ class Attention(nnx.Module):
   def key_value(self, memory: jax.Array) -> KVCache:
     return KVCache(*self._project(memory, slice(1, 3)))
 
-  def output(self, context: jax.Array) -> jax.Array:
+  def output(self, context: jax.Array) -> layers.Branch:
     y = jnp.einsum('blhk,hkd->bld', context, self.out[...].astype(context.dtype))
-    return constrain(y + self.out_bias[...].astype(context.dtype), ('batch', 'length', 'embed'))
+    return layers.Branch(constrain(y, ('batch', 'length', 'embed')), self.out_bias[...])
 
   def __call__(self, x: jax.Array, visibility: Visibility, *, dropout_rate: float,
-               rng: jax.Array | None) -> jax.Array:
+               rng: jax.Array | None) -> layers.Branch:
     """Self-attention: Q, K and V from one matmul against the whole fused kernel."""
     context = attend(*self._project(x, slice(0, 3)), visibility, scale=self.scale, dropout_rate=dropout_rate,
                      rng=rng, impl=self.impl)
     return self.output(context)
 
   def attend_to(self, x: jax.Array, kv: KVCache, visibility: Visibility, *,
-                dropout_rate: float, rng: jax.Array | None) -> jax.Array:
+                dropout_rate: float, rng: jax.Array | None) -> layers.Branch:
     """Attention of `x` over precomputed keys and values (the decoder's cross-attention cache)."""
     context = attend(self.query(x), kv.key, kv.value, visibility, scale=self.scale, dropout_rate=dropout_rate,
                      rng=rng, impl=self.impl)
     return self.output(context)
 
-  def cached_self_attention(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
+  def cached_self_attention(self, x: jax.Array, cache: KVCache, index: jax.Array) -> tuple[layers.Branch, KVCache]:
     """One decoding step: writes this position's key/value at `index`, attends to positions <= index."""
     new = self.key_value(x).arrays()
     cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1)

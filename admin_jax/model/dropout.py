@@ -77,6 +77,17 @@ def kept(counter: jax.Array, drop_threshold: int) -> jax.Array:
   return lax.shift_right_logical(_multiply_xorshift(counter), 16) >= drop_threshold
 
 
+def kept_tile(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, row_length: int,
+              drop_threshold: int) -> jax.Array:
+  """[len(rows), len(cols)]: what `keep_mask` keeps of a tile of a [..., row_length] array whose
+  flattened rows `rows` (global indices) and columns `cols` it holds, for the key of `stream_key`:
+  element c = row * row_length + col. Kernels build their tiles' masks with it; the row and column
+  terms of the keyed counter are computed once each, so the counter costs one add per element."""
+  multiplier, offset = key
+  counter = (rows * (row_length * multiplier) + offset)[:, None] + (cols * multiplier)[None, :]
+  return kept(counter, drop_threshold)
+
+
 def seed_int32(seed: jax.Array) -> jax.Array:
   """A scalar seed as int32 with the same bits (uint32 seeds are bit-cast, not clipped)."""
   seed = jnp.asarray(seed)

@@ -57,16 +57,6 @@ class Part:
     return part if self.bias is None else part + self.bias[self.index]
 
 
-def _keep(key: tuple[jax.Array, jax.Array], rows: jax.Array, cols: jax.Array, k_len: int,
-          threshold: int) -> jax.Array:
-  """[len(rows), len(cols)]: True where dropout keeps p[row, col] of the keyed matrix, whose
-  element c = row * k_len + col. The row and column terms of the keyed counter are precomputed,
-  so the counter costs one add per element."""
-  multiplier, offset = key
-  counter = (rows * (k_len * multiplier) + offset)[:, None] + (cols * multiplier)[None, :]
-  return dropout.kept(counter, threshold)
-
-
 def dropout_keep_mask(seed: jax.Array, shape_bhqk: tuple[int, int, int, int], rate: float) -> jax.Array:
   """The boolean [batch, heads, q, k] keep-mask that `flash_attention` applies for this seed.
 
@@ -75,7 +65,7 @@ def dropout_keep_mask(seed: jax.Array, shape_bhqk: tuple[int, int, int, int], ra
   batch, heads, q_len, k_len = shape_bhqk
   keys = dropout.stream_key(dropout.seed_int32(seed), jnp.arange(batch * heads, dtype=jnp.int32))
   rows, cols = jnp.arange(q_len, dtype=jnp.int32), jnp.arange(k_len, dtype=jnp.int32)
-  keep = jax.vmap(lambda *key: _keep(key, rows, cols, k_len, dropout.threshold(rate)))(*keys)
+  keep = jax.vmap(lambda *key: dropout.kept_tile(key, rows, cols, k_len, dropout.threshold(rate)))(*keys)
   return keep.reshape(batch, heads, q_len, k_len)
 
 
@@ -154,7 +144,7 @@ def _program_key(cfg: _Config, seed_ref) -> tuple[jax.Array, jax.Array] | None:
 def _tile_keep(cfg: _Config, key: tuple[jax.Array, jax.Array] | None, rows: jax.Array,
                cols: jax.Array) -> jax.Array | None:
   """The tile's [block_q, block_k] dropout keep-mask, or None without dropout."""
-  return None if key is None else _keep(key, rows, cols, cfg.k_len, cfg.threshold)
+  return None if key is None else dropout.kept_tile(key, rows, cols, cfg.k_len, cfg.threshold)
 
 
 def _drop(keep: jax.Array | None, x: jax.Array, scale: float) -> jax.Array:

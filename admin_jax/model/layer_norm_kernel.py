@@ -1,4 +1,5 @@
-"""The residual LayerNorm LN(shortcut * x + branch) of Post-LN, Admin and DeepNorm as Pallas kernels.
+"""The residual LayerNorm LN(shortcut * x + dropout(branch + branch_bias)) of Post-LN, Admin and
+DeepNorm as Pallas kernels.
 
 XLA splits this LayerNorm into several passes over the float32 residual stream: statistics, then
 normalisation, in the forward pass; in the backward pass the input gradient and, separately, the
@@ -8,7 +9,11 @@ Here one kernel reads x and the branch once and writes the output, its copy in t
 (what the next branch's matmuls read) and two statistics per token; one backward kernel reads both
 output gradients (the stream's and the copy's, summed here rather than by a pass of XLA's), x and
 the branch once, and writes both input gradients and, per program (a loop over blocks of rows),
-partial sums of the three parameter gradients (summed after).
+partial sums of the parameter gradients (summed after). The branch's last bias and its dropout
+are applied here too, as the branch output is read (the mask is `dropout.keep_mask`'s, rebuilt in the
+backward kernel from the global row index of each row), and the bias's gradient is one more partial
+sum: otherwise adding them, and masking the gradient and summing it for the bias, are one XLA pass
+each way over the branch output of every sublayer.
 
 Float32 throughout, as `layers.residual_layer_norm`, whose results these equal to rounding.
 `interpret=None` compiles with Triton for CUDA and runs the Pallas interpreter elsewhere (tests).
@@ -22,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from admin_jax.model import dropout
 
 # Rows a program handles at a time: this many elements of [rows, d_model]. Small enough that the
 # backward pass's six live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per
@@ -38,15 +45,34 @@ class _Config:
   block_rows: int
   backward_blocks: int  # blocks of block_rows rows per backward program
   eps: float
+  drop_threshold: int  # of the branch's dropout; 0: none
   interpret: bool
 
 
-def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref, copy_ref, mean_ref, rstd_ref, *,
-                    eps: float):
-  s = shortcut_ref[...][None, :] * x_ref[...] + branch_ref[...].astype(jnp.float32)
+def _keep(cfg: _Config, rows_ref, key_ref, rows, width: int) -> jax.Array | None:
+  """The branch's dropout keep-mask of a block of rows (global row indices in rows_ref), or None."""
+  if not cfg.drop_threshold:
+    return None
+  key = (key_ref[0], key_ref[1])
+  cols = lax.broadcasted_iota(jnp.int32, (width,), 0)
+  return dropout.kept_tile(key, rows_ref[rows], cols, width, cfg.drop_threshold)
+
+
+def _dropped_branch(cfg: _Config, branch: jax.Array, branch_bias: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """dropout(branch + branch_bias) in float32, rounded as XLA's ops in the branch's dtype round it."""
+  f = branch + branch_bias[None, :]
+  if keep is not None:
+    f = jnp.where(keep, (f.astype(jnp.float32) * dropout.keep_scale(cfg.drop_threshold)).astype(f.dtype), 0)
+  return f.astype(jnp.float32)
+
+
+def _forward_kernel(x_ref, branch_ref, branch_bias_ref, rows_ref, key_ref, shortcut_ref, scale_ref, bias_ref, y_ref,
+                    copy_ref, mean_ref, rstd_ref, *, cfg: _Config):
+  keep = _keep(cfg, rows_ref, key_ref, slice(None), x_ref.shape[1])
+  s = shortcut_ref[...][None, :] * x_ref[...] + _dropped_branch(cfg, branch_ref[...], branch_bias_ref[...], keep)
   mean = jnp.mean(s, axis=1)
   centred = s - mean[:, None]
-  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + eps)
+  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + cfg.eps)
   y = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
   y_ref[...] = y
   copy_ref[...] = y.astype(copy_ref.dtype)
@@ -54,28 +80,32 @@ def _forward_kernel(x_ref, branch_ref, shortcut_ref, scale_ref, bias_ref, y_ref,
   rstd_ref[...] = rstd
 
 
-def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, shortcut_ref, scale_ref, mean_ref, rstd_ref,
-                     d_x_ref, d_branch_ref, d_shortcut_ref, d_scale_ref, d_bias_ref, *, cfg: _Config):
-  shortcut, scale = shortcut_ref[...][None, :], scale_ref[...][None, :]
+def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, branch_bias_ref, rows_ref, key_ref, shortcut_ref,
+                     scale_ref, mean_ref, rstd_ref, d_x_ref, d_branch_ref, d_branch_bias_ref, d_shortcut_ref,
+                     d_scale_ref, d_bias_ref, *, cfg: _Config):
+  shortcut, scale, branch_bias = shortcut_ref[...][None, :], scale_ref[...][None, :], branch_bias_ref[...]
 
   def block(i, sums):
     rows = pl.ds(i * cfg.block_rows, cfg.block_rows)
     x = x_ref[rows, :]
     grad = grad_ref[rows, :] + grad_copy_ref[rows, :].astype(jnp.float32)
     rstd = rstd_ref[rows][:, None]
-    normalized = (shortcut * x + branch_ref[rows, :].astype(jnp.float32) - mean_ref[rows][:, None]) * rstd
+    keep = _keep(cfg, rows_ref, key_ref, rows, x.shape[1])
+    f = _dropped_branch(cfg, branch_ref[rows, :], branch_bias, keep)
+    normalized = (shortcut * x + f - mean_ref[rows][:, None]) * rstd
     d_normalized = grad * scale
     d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
                     - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
     d_x_ref[rows, :] = d_sum * shortcut
-    d_branch_ref[rows, :] = d_sum.astype(d_branch_ref.dtype)
-    d_shortcut, d_scale, d_bias = sums
-    return (d_shortcut + jnp.sum(d_sum * x, axis=0), d_scale + jnp.sum(grad * normalized, axis=0),
-            d_bias + jnp.sum(grad, axis=0))
+    d_branch = d_sum if keep is None else jnp.where(keep, d_sum * dropout.keep_scale(cfg.drop_threshold), 0.0)
+    d_branch_ref[rows, :] = d_branch.astype(d_branch_ref.dtype)
+    d_branch_bias, d_shortcut, d_scale, d_bias = sums
+    return (d_branch_bias + jnp.sum(d_branch, axis=0), d_shortcut + jnp.sum(d_sum * x, axis=0),
+            d_scale + jnp.sum(grad * normalized, axis=0), d_bias + jnp.sum(grad, axis=0))
 
   zeros = jnp.zeros(scale.shape[1:], jnp.float32)
-  d_shortcut_ref[...], d_scale_ref[...], d_bias_ref[...] = lax.fori_loop(0, cfg.backward_blocks, block,
-                                                                         (zeros,) * 3)
+  sums = lax.fori_loop(0, cfg.backward_blocks, block, (zeros,) * 4)
+  d_branch_bias_ref[...], d_shortcut_ref[...], d_scale_ref[...], d_bias_ref[...] = sums
 
 
 def _row_block(rows: int, d: int) -> pl.BlockSpec:
@@ -90,6 +120,9 @@ def _vector(d: int) -> pl.BlockSpec:
   return pl.BlockSpec((d,), lambda i: (0,))
 
 
+_KEY_SPEC = pl.BlockSpec((2,), lambda i: (0,))  # the dropout key: (multiplier, offset)
+
+
 def _partial_sum(d: int) -> pl.BlockSpec:
   return pl.BlockSpec((pl.squeezed, d), lambda i: (i, 0))
 
@@ -100,29 +133,31 @@ def _call(kernel, cfg: _Config, grid: int, in_specs, out_specs, out_shape, name:
                         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
 
 
-def _forward(cfg: _Config, x, branch, shortcut, scale, bias):
+def _forward(cfg: _Config, x, branch, branch_bias, rows_ids, key, shortcut, scale, bias):
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   block = cfg.block_rows
-  return _call(functools.partial(_forward_kernel, eps=cfg.eps), cfg, rows // block,
-               in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _vector(d), _vector(d)],
+  return _call(functools.partial(_forward_kernel, cfg=cfg), cfg, rows // block,
+               in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _per_row(block), _KEY_SPEC,
+                         _vector(d), _vector(d), _vector(d)],
                out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
                out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
-               name='residual_layer_norm_forward', num_warps=4)(x, branch, shortcut, scale, bias)
+               name='residual_layer_norm_forward', num_warps=4)(x, branch, branch_bias, rows_ids, key, shortcut,
+                                                                 scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer_norm(cfg: _Config, x, branch, shortcut, scale, bias):
-  return tuple(_forward(cfg, x, branch, shortcut, scale, bias)[:2])
+def _layer_norm(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale, bias):
+  return tuple(_forward(cfg, x, branch, branch_bias, row_ids, key, shortcut, scale, bias)[:2])
 
 
-def _layer_norm_fwd(cfg: _Config, x, branch, shortcut, scale, bias):
-  y, copy, mean, rstd = _forward(cfg, x, branch, shortcut, scale, bias)
-  return (y, copy), (x, branch, shortcut, scale, mean, rstd)
+def _layer_norm_fwd(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale, bias):
+  y, copy, mean, rstd = _forward(cfg, x, branch, branch_bias, row_ids, key, shortcut, scale, bias)
+  return (y, copy), (x, branch, branch_bias, row_ids, key, shortcut, scale, mean, rstd)
 
 
 def _layer_norm_bwd(cfg: _Config, saved, grads):
-  x, branch, shortcut, scale, mean, rstd = saved
+  x, branch, branch_bias, row_ids, key, shortcut, scale, mean, rstd = saved
   grad, grad_copy = grads
   rows, d = x.shape
   block = cfg.block_rows * cfg.backward_blocks
@@ -131,25 +166,30 @@ def _layer_norm_bwd(cfg: _Config, saved, grads):
   d_x, d_branch, *partial_sums = _call(
       functools.partial(_backward_kernel, cfg=cfg), cfg, programs,
       in_specs=[_row_block(block, d), _row_block(block, d), _row_block(block, d), _row_block(block, d), _vector(d),
-                _vector(d), _per_row(block), _per_row(block)],
-      out_specs=[_row_block(block, d), _row_block(block, d), _partial_sum(d), _partial_sum(d), _partial_sum(d)],
-      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((programs, d)),
-                 f32((programs, d)), f32((programs, d))],
-      name='residual_layer_norm_backward', num_warps=8)(grad, grad_copy, x, branch, shortcut, scale, mean, rstd)
-  d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
-  return d_x, d_branch, d_shortcut, d_scale, d_bias
+                _per_row(block), _KEY_SPEC, _vector(d), _vector(d), _per_row(block), _per_row(block)],
+      out_specs=[_row_block(block, d), _row_block(block, d)] + [_partial_sum(d)] * 4,
+      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype)] + [f32((programs, d))] * 4,
+      name='residual_layer_norm_backward', num_warps=8)(grad, grad_copy, x, branch, branch_bias, row_ids, key,
+                                                        shortcut, scale, mean, rstd)
+  d_branch_bias, d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
+  return d_x, d_branch, d_branch_bias.astype(branch_bias.dtype), None, None, d_shortcut, d_scale, d_bias
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array, *, eps: float, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
-  """LN(shortcut * x + branch) * scale + bias over the last axis (variance + eps) in float32, and
-  the same rounded to the branch's dtype.
+def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array, shortcut: jax.Array,
+                        scale: jax.Array, bias: jax.Array, *, eps: float, seed: jax.Array | None = None,
+                        drop_threshold: int = 0, row_ids: jax.Array | None = None,
+                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  """LN(shortcut * x + dropout(branch + branch_bias)) * scale + bias over the last axis (variance +
+  eps) in float32, and the same rounded to the branch's dtype.
 
-  x is float32 [..., d], branch any float dtype of the same shape, shortcut a scalar or [d], scale
-  and bias [d]; d must be a power of two (a Triton block). Rows are padded to the block inside.
+  x is float32 [..., d], branch any float dtype of the same shape, branch_bias [d] in its dtype,
+  shortcut a scalar or [d], scale and bias [d]; d must be a power of two (a Triton block). Rows are
+  padded to the block inside. Dropout (where `seed` is given and `drop_threshold` > 0, see
+  dropout.threshold) drops what `dropout.keep_mask(seed, shape, drop_threshold)` drops of the whole
+  array, of which x holds the rows `row_ids` ([...] int32; by default, all of them in order).
   """
   d = x.shape[-1]
   if d & (d - 1):
@@ -158,13 +198,18 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, sc
   block_rows = min(max(1, _BLOCK_ELEMENTS // d), pl.next_power_of_2(rows))
   backward_blocks = min(_BACKWARD_BLOCKS, pl.next_power_of_2(pl.cdiv(rows, block_rows)))
   padded = pl.cdiv(rows, block_rows * backward_blocks) * block_rows * backward_blocks
-  pad = lambda a: jnp.pad(a.reshape(rows, d), ((0, padded - rows), (0, 0)))
+  pad = lambda a: jnp.pad(a.reshape(rows, -1), ((0, padded - rows), (0, 0)))
+  if seed is None:
+    drop_threshold = 0
+  row_ids = lax.iota(jnp.int32, rows) if row_ids is None else row_ids.reshape(rows).astype(jnp.int32)
+  key = jnp.zeros((2,), jnp.int32) if not drop_threshold else jnp.stack(dropout.stream_key(dropout.seed_int32(seed), 0))
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
-  operands = (pad(x.astype(jnp.float32)), pad(branch), vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  operands = (pad(x.astype(jnp.float32)), pad(branch), branch_bias.astype(branch.dtype), pad(row_ids[:, None])[:, 0],
+              key, vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold)
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
-    outputs = lax.platform_dependent(
-        *operands, cuda=functools.partial(_layer_norm, _Config(block_rows, backward_blocks, eps, interpret=False)),
-        default=functools.partial(_layer_norm, _Config(block_rows, backward_blocks, eps, interpret=True)))
+    outputs = lax.platform_dependent(*operands, cuda=functools.partial(_layer_norm, config(interpret=False)),
+                                     default=functools.partial(_layer_norm, config(interpret=True)))
   else:
-    outputs = _layer_norm(_Config(block_rows, backward_blocks, eps, interpret), *operands)
+    outputs = _layer_norm(config(interpret), *operands)
   return tuple(out[:rows].reshape(x.shape) for out in outputs)

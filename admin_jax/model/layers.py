@@ -1,7 +1,7 @@
 """Building blocks initialised as the reference fairseq fork does (spec section 3)."""
 
-import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,17 @@ def as_stored(residual: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(residual)
 
 
+class Branch(NamedTuple):
+  """A sublayer's branch output before its last bias and its output dropout, which the residual
+  applies: the Pallas LayerNorm adds and drops them as it reads the branch output."""
+  value: jax.Array  # [..., d_model] in the compute dtype
+  bias: jax.Array  # [d_model]
+
+  def dropped(self, rate: float, rng: jax.Array | None) -> jax.Array:
+    """f_k as the reference computes it: dropout(value + bias), in the compute dtype."""
+    return dropout.apply(self.value + self.bias.astype(self.value.dtype), rate, rng)
+
+
 def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(normalised s, mean, 1/std) over the last axis, in float32."""
   mean = s.mean(-1, keepdims=True)
@@ -58,36 +69,51 @@ def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return (s - mean) * rstd, mean, rstd
 
 
-def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array,
-                        bias: jax.Array, impl: str = 'xla') -> tuple[jax.Array, jax.Array]:
-  """LN(shortcut * x + branch) in float32, the Post-LN, Admin and DeepNorm residual, and its copy
-  in the branch's (compute) dtype.
+def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array, bias: jax.Array,
+                        impl: str = 'xla', *, branch_bias: jax.Array | None = None, dropout_rate: float = 0.0,
+                        rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """LN(shortcut * x + dropout(branch + branch_bias)) in float32, the Post-LN, Admin and DeepNorm
+  residual, and its copy in the branch's (compute) dtype.
 
   The next branch reads the copy: made here, it costs no pass of its own over the float32 stream,
   and the two outputs' gradients (the next residual's shortcut and the next branch's input) are
   summed inside this backward pass instead of by one more. `shortcut` is omega ([d_model]) or a
-  scalar. The backward pass keeps x (float32), the branch output in its own dtype and two
+  scalar; `branch_bias` ([d_model]) is the branch's last bias, and the dropout (`rng=None`: none)
+  its output dropout. The backward pass keeps x (float32), the branch output in its own dtype and two
   statistics per token, and recomputes the rest; differentiated as written it would keep about
   four float32 [batch, length, d_model] tensors per sublayer, the largest share of a Post-LN
   model's activation memory under bf16 compute. `impl` 'xla' leaves the passes to XLA's fusions;
-  'pallas' runs one kernel each way (layer_norm_kernel.py), which reads the residual stream fewer times.
+  'pallas' runs one kernel each way (layer_norm_kernel.py), which reads the residual stream fewer
+  times and applies the branch's bias and dropout as it reads it.
   """
+  if branch_bias is None:
+    branch_bias = jnp.zeros(x.shape[-1], branch.dtype)
   if impl == 'pallas':
-    return _pallas_residual_layer_norm(x, branch, shortcut, scale, bias)
-  return _xla_residual_layer_norm(x, branch, shortcut, scale, bias)
+    return _pallas_residual_layer_norm(x, branch, branch_bias, shortcut, scale, bias, dropout_rate, rng)
+  return _xla_residual_layer_norm(x, Branch(branch, branch_bias).dropped(dropout_rate, rng), shortcut, scale, bias)
 
 
-def _pallas_residual_layer_norm(x, branch, shortcut, scale, bias):
+def _pallas_residual_layer_norm(x, branch, branch_bias, shortcut, scale, bias, dropout_rate, rng):
   """layer_norm_kernel on each device's rows under the current mesh: a Pallas call is opaque to
-  XLA's partitioner, hence shard_map over the batch and length, with whole rows on every device."""
-  kernel = functools.partial(layer_norm_kernel.residual_layer_norm, eps=LN_EPS)
+  XLA's partitioner, hence shard_map over the batch and length, with whole rows on every device,
+  each with its rows' global indices, which the dropout mask hashes."""
+  dropping = rng is not None and dropout_rate > 0
+  seed = dropout.seed_from(rng) if dropping else jnp.zeros((), jnp.int32)
+  row_ids = jax.lax.iota(jnp.int32, math.prod(x.shape[:-1])).reshape(x.shape[:-1])
+
+  def kernel(x, branch, row_ids, seed, branch_bias, shortcut, scale, bias):
+    return layer_norm_kernel.residual_layer_norm(
+        x, branch, branch_bias, shortcut, scale, bias, eps=LN_EPS, seed=seed,
+        drop_threshold=dropout.threshold(dropout_rate) if dropping else 0, row_ids=row_ids)
+
+  operands = (x, branch, row_ids, seed, branch_bias, shortcut, scale, bias)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return kernel(x, branch, shortcut, scale, bias)
+    return kernel(*operands)
   spec = sharding.logical_to_spec(('batch', 'length', 'embed'), x.shape, dict(mesh.shape))
   rows = jax.P(spec[0], spec[1], None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, jax.P(), jax.P(), jax.P()), out_specs=(rows, rows),
-                       check_vma=False)(x, branch, shortcut, scale, bias)
+  in_specs = (rows, rows, jax.P(spec[0], spec[1])) + (jax.P(),) * 5
+  return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=(rows, rows), check_vma=False)(*operands)
 
 
 @jax.custom_vjp
@@ -170,8 +196,8 @@ class FeedForward(nnx.Module):
     self.fc2 = param(init(ffn_dim, d_model), rngs.params(), (ffn_dim, d_model), ('mlp', 'embed'))
     self.fc2_bias = param(zeros, rngs.params(), (d_model,), ('embed',))
 
-  def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> Branch:
     dtype = x.dtype
     h = jnp.einsum('bld,df->blf', x, self.fc1[...].astype(dtype)) + self.fc1_bias[...].astype(dtype)
     h = dropout.apply_after_relu(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng)
-    return jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)) + self.fc2_bias[...].astype(dtype)
+    return Branch(jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)), self.fc2_bias[...])

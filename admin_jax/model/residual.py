@@ -6,7 +6,8 @@
     admin_logn  the same with omega_i = sqrt((N+1)/ln(N+1) - 1) for all N sublayers of a stack
     deepnorm    x_i = LN(alpha * x_{i-1} + f_i(x_{i-1}))     alpha fixed, branch init scaled by beta
 
-f_i already includes the dropout on the branch output; the shortcut is never dropped out.
+f_i is the branch output after its last bias and its dropout, which the residual applies (see
+`layers.Branch`); the shortcut is never dropped out.
 omega multiplies the shortcut, not the branch (spec 1.1), and is one float32 vector of length
 d_model per sublayer, so it can be folded into the LayerNorm after training.
 """
@@ -137,25 +138,29 @@ class Residual(nnx.Module):
     """What multiplies x_{k-1}: omega for Admin, alpha for DeepNorm, 1 for Post-LN and Pre-LN."""
     return self.omega[...] if self.kind in ADMIN_RESIDUALS else self.shortcut
 
-  def __call__(self, x: Stream, branch: jax.Array, profile: Profile | None = None,
-               tap: Tap | None = None) -> tuple[Stream, Profile | None]:
-    """Adds the branch output (in the compute dtype) to the shortcut; returns the new stream and
-    profile state.
+  def __call__(self, x: Stream, branch: layers.Branch, *, dropout_rate: float = 0.0, rng: jax.Array | None = None,
+               profile: Profile | None = None, tap: Tap | None = None) -> tuple[Stream, Profile | None]:
+    """Adds the branch output f_k (its bias and dropout applied here; `rng=None`: no dropout) to the
+    shortcut; returns the new stream and profile state.
 
     While profiling, omega_k := r is used at once in this same pass and then
     r := sqrt(Var[omega_k * x_{k-1}] + Var[f_k]) (spec 2.2). A `tap` (analysis only) records
-    (x_{k-1}, f_k, x_k) and adds its offset to x_k.
+    (x_{k-1}, f_k, x_k) and adds its offset to x_k. Only these and Pre-LN need f_k as an array of
+    its own; the residual LayerNorm applies the bias and dropout as it reads the branch output.
     """
     x = x.value
+    dtype = branch.value.dtype
+    f = branch.dropped(dropout_rate, rng) if self.kind == 'pre_ln' or profile is not None or tap is not None else None
     if self.kind == 'pre_ln':
-      output = Stream.of(x + branch.astype(jnp.float32), branch.dtype)
+      output = Stream.of(x + f.astype(jnp.float32), dtype)
     else:
       shortcut = self.shortcut_scale() if profile is None else profile.r
       if profile is not None:
-        r = jnp.sqrt(_variance(shortcut * x, profile.mask) + _variance(branch, profile.mask))
+        r = jnp.sqrt(_variance(shortcut * x, profile.mask) + _variance(f, profile.mask))
         profile = Profile(r, profile.mask)
-      output = Stream(*layers.residual_layer_norm(x, branch, jnp.asarray(shortcut, jnp.float32),
-                                                  self.norm.scale[...], self.norm.bias[...], self.layer_norm_impl))
+      output = Stream(*layers.residual_layer_norm(
+          x, branch.value, jnp.asarray(shortcut, jnp.float32), self.norm.scale[...], self.norm.bias[...],
+          self.layer_norm_impl, branch_bias=branch.bias, dropout_rate=dropout_rate, rng=rng))
     if tap is not None:
-      output = Stream.of(tap(x, branch.astype(jnp.float32), output.value), branch.dtype)
+      output = Stream.of(tap(x, f.astype(jnp.float32), output.value), dtype)
     return output, profile

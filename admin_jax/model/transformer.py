@@ -58,16 +58,17 @@ def _layer_outputs(profile: Profile | None, omegas: list[Any], tap: Tap | None) 
   return (jnp.stack(omegas) if profile is not None else None), (None if tap is None else tap.stacked())
 
 
-def _sublayer(residual: Residual, x: Stream, branch: Callable[[jax.Array], jax.Array], *,
+def _sublayer(residual: Residual, x: Stream, branch: Callable[[jax.Array], layers.Branch], *,
               cfg: TransformerConfig, rng: jax.Array | None, profile: Profile | None, omegas: list[Any],
               tap: Tap | None) -> tuple[Stream, Profile | None]:
-  """x_k from x_{k-1}: the branch on what the residual feeds it, dropout on its output, the residual.
+  """x_k from x_{k-1}: the branch on what the residual feeds it, then the residual, which applies
+  the branch's last bias and output dropout.
 
   While profiling, records the running scalar r as this sublayer's omega before it is used.
   """
   omegas.append(None if profile is None else profile.r)
   f = branch(residual.branch_input(x, cfg.compute_dtype))
-  return residual(x, dropout.apply(f, cfg.dropout, rng), profile, tap)
+  return residual(x, f, dropout_rate=cfg.dropout, rng=rng, profile=profile, tap=tap)
 
 
 def _residual(cfg: TransformerConfig, shortcut: float, rngs: nnx.Rngs) -> Residual:
