@@ -2,6 +2,8 @@
 
 base6 (256 sequences x 8 heads) and big6/big18 (128 x 16) give the kernels the same problem: 2048
 (sequence, head) pairs of 256 queries and keys with head_dim 64, the paper's attention dropout 0.1.
+The kernels read Q, K and V from one [batch, length, 3, heads, head_dim] projection with its bias, and
+write their gradient into that projection's, as the model calls them.
 Each tiling is timed forward only and forward + backward (the train step runs both), without
 (encoder self- and cross-attention) and with a causal mask (decoder self-attention), and printed as
 one JSON line; the last line names the fastest tiling per layer (two unmasked calls and one causal).
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admin_jax.model.flash_attention import Part
 from admin_jax.model.flash_attention import flash_attention
 
 # (block_q, block_k, num_warps, num_stages); the first is the kernels' default (docs/PERF.md has the
@@ -57,11 +60,12 @@ def _timed_ms(fn, *args) -> float:
 
 def main(argv):
   del argv
-  shape = (_BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value)
+  batch, length, heads, head_dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
   rng = np.random.default_rng(0)
-  k, v, cotangent = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(3))
-  q = jnp.asarray(rng.normal(size=shape) / np.sqrt(_HEAD_DIM.value), jnp.bfloat16)  # scaled, as the model passes it
-  segments = jnp.ones(shape[:2], jnp.int32)
+  qkv = jnp.asarray(rng.normal(size=(batch, length, 3, heads, head_dim)), jnp.bfloat16)
+  bias = jnp.asarray(rng.normal(size=(3, heads, head_dim)) * 0.1, jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.bfloat16)
+  segments = jnp.ones((batch, length), jnp.int32)
   seed = jnp.uint32(1)
   per_layer = {}
   for tiling in map(_tiling, _TILINGS.value):
@@ -69,18 +73,20 @@ def main(argv):
     record = dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     for causal in (False, True):
       # Every array is an argument: closed over, XLA would constant-fold them for seconds per compile.
-      def attention(q, k, v, segments, seed):
-        return flash_attention(q, k, v, segments, segments, causal=causal, dropout_rate=0.1, seed=seed,
-                               block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+      def attention(qkv, bias, segments, seed):
+        parts = (Part(qkv, i, bias) for i in range(3))
+        return flash_attention(*parts, segments, segments, causal=causal, dropout_rate=0.1, seed=seed,
+                               scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, num_warps=num_warps,
+                               num_stages=num_stages)
 
-      def train(q, k, v, segments, seed, cotangent):
-        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, segments, seed), q, k, v)
+      def train(qkv, bias, segments, seed, cotangent):
+        out, vjp = jax.vjp(lambda qkv, bias: attention(qkv, bias, segments, seed), qkv, bias)
         return out, vjp(cotangent)
 
       name = 'causal' if causal else 'full'
       try:
-        record[f'{name}_forward_ms'] = _timed_ms(jax.jit(attention), q, k, v, segments, seed)
-        record[f'{name}_train_ms'] = _timed_ms(jax.jit(train), q, k, v, segments, seed, cotangent)
+        record[f'{name}_forward_ms'] = _timed_ms(jax.jit(attention), qkv, bias, segments, seed)
+        record[f'{name}_train_ms'] = _timed_ms(jax.jit(train), qkv, bias, segments, seed, cotangent)
       except Exception as error:  # a tiling Triton cannot build (registers, shared memory) costs its line only
         record['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}'
         break
