@@ -318,7 +318,8 @@ def test_attend_sets_queries_without_keys_only_where_asked(blind_queries_average
   case = CASES['cross_dropout_padded']
   q, k, v, q_segments, k_segments, _ = inputs(case)
   visibility = Visibility(q_segments, k_segments, blind_queries_average=blind_queries_average)
-  flash, xla = (attend(q, k, v, visibility, scale=1.0, dropout_rate=0.0, rng=None, impl=impl) for impl in ('flash', 'xla'))
+  flash, xla = (attend(q, k, v, visibility, scale=1.0, dropout_rate=0.0, rng=None, impl=impl)
+                for impl in ('flash', 'xla'))
   blind = ~visibility.mask().any(-1)[:, 0]  # [batch, q]
   assert blind.any() and (~blind).any()
   assert_close(flash[~blind], xla[~blind], 1e-5)

@@ -122,8 +122,7 @@ def _flash(query: Part, key: Part, value: Part, visibility: Visibility, *, scale
   mesh_shape = dict(mesh.shape)
   source_specs = [sharding.logical_to_spec(('batch', 'length', 'qkv', 'heads', 'kv'), source.shape, mesh_shape)
                   for source in sources]
-  q_shape = query.source.shape[:2] + query.source.shape[3:]
-  q_spec = sharding.logical_to_spec(('batch', 'length', 'heads', 'kv'), q_shape, mesh_shape)
+  q_spec = sharding.logical_to_spec(('batch', 'length', 'heads', 'kv'), query.shape, mesh_shape)
   shard_axes = _mesh_axes(q_spec[0]) + _mesh_axes(q_spec[2])  # the batch's and the heads'
   bias_specs = [None if bias is None else sharding.logical_to_spec(('qkv', 'heads', 'kv'), bias.shape, mesh_shape)
                 for bias in biases]
@@ -154,22 +153,20 @@ def attend(query: jax.Array | Part, key: jax.Array | Part, value: jax.Array | Pa
   over the output and a reduction over the values that training, which never reads them, skips.
   """
   mask = visibility.mask()
-  if impl == 'flash' and _array(query).shape[1] > 1:
+  if impl == 'flash' and query.shape[1] > 1:
     parts = (x if isinstance(x, Part) else Part.of(x) for x in (query, key, value))
     context = _flash(*parts, visibility, scale=scale, dropout_rate=dropout_rate, rng=rng)
   else:
-    query, key = _array(query), _array(key)
+    query, key, value = (_array(x) for x in (query, key, value))
     query = query * jnp.asarray(scale, query.dtype)
     if impl == 'xla' or query.shape[1] == 1:
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
       probs = _softmax(jnp.where(mask, logits, _MASKED))
-      probs = dropout.apply_to_probabilities(probs, dropout_rate, rng)
-      return jnp.einsum('bhqk,bkhd->bqhd', probs, _array(value))
+      return jnp.einsum('bhqk,bkhd->bqhd', dropout.apply_to_probabilities(probs, dropout_rate, rng), value)
     if rng is not None and dropout_rate > 0:
       raise ValueError("cuDNN attention has no dropout: set model.attention_dropout=0")
     implementation = 'cudnn' if jax.default_backend() == 'gpu' else None
-    context = jax.nn.dot_product_attention(query, key, _array(value), mask=mask, scale=1.0,
-                                           implementation=implementation)
+    context = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation=implementation)
   if not visibility.blind_queries_average:
     return context
   sees_a_key = mask.any(-1)[:, 0, :, None, None]  # [batch, q, 1, 1]

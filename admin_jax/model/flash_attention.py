@@ -51,6 +51,11 @@ class Part:
     """A [batch, length, heads, head_dim] array as the only part of itself."""
     return cls(x[:, :, None], 0)
 
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """[batch, length, heads, head_dim]."""
+    return self.source.shape[:2] + self.source.shape[3:]
+
   def array(self) -> jax.Array:
     """The part, bias added, as a [batch, length, heads, head_dim] array of its own (a copy)."""
     part = self.source[:, :, self.index]
@@ -465,10 +470,11 @@ def flash_attention(query: jax.Array | Part, key: jax.Array | Part, value: jax.A
 
   query [b, q, h, d]; key, value [b, k, h, d]; each either an array or a `Part` of one array that
   holds several of them ([b, length, parts, h, d], as a fused projection writes it, and its bias),
-  which the kernels then read in place, adding the bias, and whose gradient they write whole. The queries are multiplied by `scale` in
-  their dtype (the 1/sqrt(d) of attention). Query i sees key j iff key_segments[j] > 0,
-  query_segments[i] == key_segments[j] and (if causal) j <= i; a query that sees no key gets output 0
-  and zero gradients. Softmax and accumulation are float32; the result has query's dtype.
+  which the kernels then read in place, adding the bias, and whose gradient they write whole. The
+  queries are multiplied by `scale` in their dtype (the 1/sqrt(d) of attention). Query i sees key j
+  iff key_segments[j] > 0, query_segments[i] == key_segments[j] and (if causal) j <= i; a query that
+  sees no key gets output 0 and zero gradients. Softmax and accumulation are float32; the result has
+  query's dtype.
 
   Dropout drops p_ij where dropout_keep_mask(seed, [b, h, q, k], dropout_rate) is False and scales
   the kept ones by the inverse keep probability. `seed` is a traced int32/uint32 scalar (e.g.
@@ -488,8 +494,7 @@ def flash_attention(query: jax.Array | Part, key: jax.Array | Part, value: jax.A
   k_len = k_shape[1]
   if (k_shape[0], k_shape[3:]) != (batch, (heads, dim)) or parts[2].source.shape[:2] != k_shape[:2] or any(
       source.shape[3:] != (heads, dim) for source in sources):
-    raise ValueError(f'query {parts[0].array().shape}, key {parts[1].array().shape} and value '
-                     f'{parts[2].array().shape} do not match')
+    raise ValueError(f'query {parts[0].shape}, key {parts[1].shape} and value {parts[2].shape} do not match')
   block_q, block_k = _block_size(block_q, q_len), _block_size(block_k, k_len)
   config = functools.partial(_Config, causal=causal, threshold=0 if seed is None else dropout.threshold(dropout_rate),
                              softmax_scale=scale, roles=roles, block_q=block_q, block_k=block_k, num_heads=heads,
