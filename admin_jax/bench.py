@@ -35,6 +35,7 @@ from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax import traffic
+from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from admin_jax.special_tokens import UNK_ID
 from configs import default
@@ -240,6 +241,17 @@ def _train_step(preset: Preset, options: Options, devices: list[jax.Device] | No
   return train_step_lib.jit_train_step(setup, config.train, batch_sharding), setup, abstract_state, batch_sharding
 
 
+def _compiled(name: str, step_fn, *args) -> tuple[jax.stages.Compiled, float]:
+  """The step compiled for `args`, and the seconds that took (lowering included). XLA's refusal (a
+  program too large for the target, a flag it cannot honour) becomes one line naming the preset."""
+  start = time.perf_counter()
+  try:
+    compiled = step_fn.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as error:
+    raise UserError(f'{name}: XLA could not compile the train step: {str(error).splitlines()[0]}') from None
+  return compiled, time.perf_counter() - start
+
+
 def compile_for_target(name: str, preset: Preset, options: Options, devices: list[jax.Device],
                        target: deviceless.GpuTarget, hlo_dir: str = '') -> dict:
   """Compiles the train step of one preset for compile-only `devices` of `target`; returns the record,
@@ -254,9 +266,7 @@ def compile_for_target(name: str, preset: Preset, options: Options, devices: lis
   batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=batch_sharding)
            for k, v in random_packed_batch(preset).items()}
   with jax.set_mesh(setup.mesh):
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = _compiled(name, step_fn, state, batch)
   plan = compiled.memory_analysis()
   needed = (plan.temp_size_in_bytes + plan.argument_size_in_bytes + plan.output_size_in_bytes
             - plan.alias_size_in_bytes)
@@ -287,9 +297,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
   micro_batches = sharding.global_batch(local, setup.mesh, micro_batched=True)
 
   with jax.set_mesh(setup.mesh):
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, micro_batches).compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = _compiled(name, step_fn, state, micro_batches)
     state, _ = _timed_steps(compiled, state, micro_batches, warmup_steps, f'{name} warm-up')
     state, seconds = _timed_steps(compiled, state, micro_batches, steps, name)
     if trace_dir:

@@ -20,6 +20,7 @@ from admin_jax import bench
 from admin_jax import deviceless
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
+from admin_jax.errors import UserError
 from admin_jax.model import Transformer
 from configs import default
 from conftest import REPO
@@ -148,6 +149,23 @@ def test_target_without_the_cuda_plugin_is_one_line_error():
   assert result.stderr.strip().splitlines() == [
       f'error: --target=h100 needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '
       f'pip install jax-cuda12-plugin=={jax.__version__}']
+
+
+def test_a_step_xla_cannot_compile_is_one_line_error():
+  """XLA refusing the program (out of memory on the target, a flag it cannot honour) is reported as
+  one line naming the preset, which `cli.run` prints without a traceback."""
+  class Refused:
+    def lower(self, *args):
+      del args
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 146.2G.\nBuffers: ...')
+
+  with pytest.raises(UserError) as error:
+    bench._compiled('big18', Refused())
+  assert str(error.value) == ('big18: XLA could not compile the train step: '
+                              'RESOURCE_EXHAUSTED: Out of memory allocating 146.2G.')
 
 
 def test_bench_keeps_tensorflow_and_grain_off_the_gpu_path():
