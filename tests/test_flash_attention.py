@@ -216,9 +216,12 @@ def test_parts_of_fused_projections_match_separate_arrays(layout):
   for grad, want in zip(grads[:len(sources)], wanted):
     for part in range(grad.shape[2]):  # each part (Q's scaled) against its own magnitude
       assert_close(grad[:, :, part], want[:, :, part], 1e-5)
-  # Whole: the keys' bias has no gradient (softmax ignores a shift of every logit of a row).
+  # Whole: the keys' bias has no gradient (softmax ignores a shift of every logit of a row), which
+  # the kernels give exactly and the reference to rounding.
   for grad, want in zip(grads[len(sources):], wanted[len(sources):]):
     assert_close(grad, want, 1e-5)
+  key_bias_grad = grads[-1][1 if layout == 'self_attention_qkv' else 0]
+  assert not np.asarray(key_bias_grad).any()
 
 
 def test_every_part_of_a_source_must_be_attended():

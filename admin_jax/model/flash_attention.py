@@ -215,9 +215,10 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_re
   """dK and dV of one key block, looping over the query blocks that can see it.
 
   With P the softmax and Z the scaled keep-mask: O = (Z * P) V, so dV = (Z * P)^T dO, and
-  dS = P * (Z * (dO V^T) - D) with D = rowsum(dO * O); dK = dS^T Q, Q scaled. `grad_refs` end with
-  the gradient blocks of `cfg.kv_sources` ([block_k, parts, head_dim] each), after the input that
-  one of them aliases when Q shares its source (its Q part, written by _dq_kernel, is left as is).
+  dS = P * (Z * (dO V^T) - D) with D = rowsum(dO * O) (from _dq_kernel); dK = dS^T Q, Q scaled.
+  `grad_refs` end with the gradient blocks of `cfg.kv_sources` ([block_k, parts, head_dim] each) and
+  this block's sum of dV's rows (V's bias's gradient, summed over blocks after), after the input
+  that one of them aliases when Q shares its source (its Q part, written by _dq_kernel, is kept).
   """
   k_block = pl.program_id(2)
   key = _program_key(cfg, seed_ref)
@@ -242,21 +243,30 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_re
   first = lax.div(k_block * cfg.block_k, cfg.block_q) if cfg.causal else 0
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(first, q_ref.shape[0] // cfg.block_q, body, (zeros, zeros))
-  outputs = grad_refs[-len(cfg.kv_sources):]
+  *_, dv_sum_ref = grad_refs
+  outputs = grad_refs[-len(cfg.kv_sources) - 1:-1]
   for (source, part), grad in zip(cfg.roles[1:], (dk, dv)):
     out_ref = outputs[cfg.kv_sources.index(source)]
     out_ref[:, part, :] = grad.astype(out_ref.dtype)
+  dv_sum_ref[...] = dv.sum(axis=0)
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_ref, q_seg_ref, k_seg_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+               lse_ref, o_ref, dq_ref, delta_ref, dq_sum_ref, *, cfg: _Config):
   """dQ = scale * dS K of one query block, looping over the key blocks it can see (dS as in
-  _dkv_kernel), written into Q's part of its source's [block_q, parts, head_dim] gradient block."""
+  _dkv_kernel), written into Q's part of its source's [block_q, parts, head_dim] gradient block;
+  also the block's D = rowsum(dO * O), which _dkv_kernel reads, and its sum of dQ's rows (Q's
+  bias's gradient, summed over blocks after).
+
+  D is rowsum(dO * O) because O = (Z * P) V makes it equal rowsum(P * Z * (dO V^T)), as softmax's
+  VJP needs.
+  """
   q_block = pl.program_id(2)
   key = _program_key(cfg, seed_ref)
   q, do = _scaled_queries(cfg, _biased(q_ref[...], q_bias_ref[...])), do_ref[...]
   k_bias, v_bias = k_bias_ref[...], v_bias_ref[...]
-  q_segments, lse, delta = q_seg_ref[...], lse_ref[...], delta_ref[...]
+  q_segments, lse = q_seg_ref[...], lse_ref[...]
+  delta = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=1)
   rows = _positions(q_block, cfg.block_q)
 
   def body(k_block, dq):
@@ -271,6 +281,8 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, q_bias_ref, k_bias_ref, v_bias_ref
   num_k_blocks = _key_blocks(cfg, q_block, k_ref.shape[0] // cfg.block_k)
   dq = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32)) * cfg.softmax_scale
   dq_ref[:, cfg.roles[0][1], :] = dq.astype(dq_ref.dtype)
+  delta_ref[...] = delta
+  dq_sum_ref[...] = dq.sum(axis=0)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -309,6 +321,12 @@ def _rows(block: int, tiled: bool):
 
 
 _SEED_SPEC = pl.BlockSpec((1,), lambda b, h, i: (0,))
+
+
+def _block_sums(head_dim: int) -> pl.BlockSpec:
+  """BlockSpec of per-block sums of a gradient's rows, [batch, heads, blocks, head_dim]: one vector
+  per program."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, head_dim), lambda b, h, i: (b, h, i, 0))
 
 
 def _bias(part: int, head_dim: int) -> pl.BlockSpec:
@@ -355,17 +373,17 @@ def _forward(cfg: _Config, seed, sources, biases, q_seg, k_seg) -> tuple[jax.Arr
       name='flash_attention_forward')(seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg)
 
 
-def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse, dout) -> tuple[jax.Array, ...]:
-  """The gradient of each source: the dQ kernel (one program per query block) writes Q's part, then
-  the dK/dV kernel (one per key block: no atomics) K's and V's, into the same array where Q shares
-  their source."""
+def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse,
+              dout) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+  """The gradient of each source, and those of Q's and V's biases ([heads, head_dim], float32): the
+  dQ kernel (one program per query block) writes Q's part, then the dK/dV kernel (one per key
+  block: no atomics) K's and V's, into the same array where Q shares their source."""
   q, k, v = _role_arrays(cfg, sources)
   (q_source, q_part), (_, k_part), (_, v_part) = cfg.roles
   batch, q_len, _, heads, dim = q.shape
   k_len = k.shape[1]
-  # D = rowsum(dO * O): O = (Z * P) V makes it equal rowsum(P * Z * (dO V^T)), as softmax's VJP needs.
-  delta = jnp.einsum('bqphd,bqphd->bhq', dout.astype(jnp.float32), out.astype(jnp.float32))
-  operands = (seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg, dout, lse, delta)
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  operands = (seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg, dout, lse)
   dq_specs = [_SEED_SPEC,
               _blocked(cfg.block_q, dim, tiled=True, part=q_part),
               _blocked(k_len, dim, tiled=False, part=k_part),
@@ -375,11 +393,14 @@ def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse, dout)
               _segments(k_len, tiled=False),
               _blocked(cfg.block_q, dim, tiled=True),  # dO
               _rows(cfg.block_q, tiled=True),  # logsumexp
-              _rows(cfg.block_q, tiled=True)]  # D
-  d_q_source = _call(
-      _dq_kernel, cfg, (batch, heads, q_len // cfg.block_q), in_specs=dq_specs,
-      out_specs=_all_parts(cfg.block_q, q.shape[2], dim), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      name='flash_attention_dq')(*operands)
+              _blocked(cfg.block_q, dim, tiled=True)]  # O
+  q_blocks = q_len // cfg.block_q
+  d_q_source, delta, dq_sums = _call(
+      _dq_kernel, cfg, (batch, heads, q_blocks), in_specs=dq_specs,
+      out_specs=[_all_parts(cfg.block_q, q.shape[2], dim), _rows(cfg.block_q, tiled=True), _block_sums(dim)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32((batch, heads, q_len)), f32((batch, heads, q_blocks, dim))],
+      name='flash_attention_dq')(*operands, out)
+  operands += (delta,)
   dkv_specs = [_SEED_SPEC,
                _blocked(q_len, dim, tiled=False, part=q_part),
                _blocked(cfg.block_k, dim, tiled=True, part=k_part),
@@ -396,13 +417,14 @@ def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse, dout)
   if q_source in cfg.kv_sources:
     aliased = {len(operands): cfg.kv_sources.index(q_source)}
     operands, dkv_specs = operands + (d_q_source,), dkv_specs + [kv_specs[cfg.kv_sources.index(q_source)]]
-  d_kv_sources = _call(
-      _dkv_kernel, cfg, (batch, heads, k_len // cfg.block_k), in_specs=dkv_specs, out_specs=kv_specs,
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in kv_sources], input_output_aliases=aliased,
-      name='flash_attention_dkv')(*operands)
+  k_blocks = k_len // cfg.block_k
+  *d_kv_sources, dv_sums = _call(
+      _dkv_kernel, cfg, (batch, heads, k_blocks), in_specs=dkv_specs, out_specs=kv_specs + [_block_sums(dim)],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in kv_sources] + [f32((batch, heads, k_blocks, dim))],
+      input_output_aliases=aliased, name='flash_attention_dkv')(*operands)
   grads = dict(zip(cfg.kv_sources, d_kv_sources))
   grads.setdefault(q_source, d_q_source)
-  return tuple(grads[i] for i in range(len(sources)))
+  return tuple(grads[i] for i in range(len(sources))), dq_sums.sum((0, 2)), dv_sums.sum((0, 2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -418,9 +440,12 @@ def _attention_fwd(cfg: _Config, seed, sources, biases, q_seg, k_seg):
 
 def _attention_bwd(cfg: _Config, residuals, dout):
   seed, sources, biases, q_seg, k_seg, out, lse = residuals
-  d_sources = _backward(cfg, seed, sources, biases, q_seg, k_seg, out, lse, dout)
-  d_biases = tuple(d.sum((0, 1), dtype=jnp.float32).astype(b.dtype) for d, b in zip(d_sources, biases))
-  return None, d_sources, d_biases, None, None
+  d_sources, d_q_bias, d_v_bias = _backward(cfg, seed, sources, biases, q_seg, k_seg, out, lse, dout)
+  # K's bias has none: softmax ignores a shift of all the logits of a row.
+  d_biases = [jnp.zeros(bias.shape, jnp.float32) for bias in biases]
+  for (source, part), grad in ((cfg.roles[0], d_q_bias), (cfg.roles[2], d_v_bias)):
+    d_biases[source] = d_biases[source].at[part].add(grad)
+  return None, d_sources, tuple(d.astype(b.dtype) for d, b in zip(d_biases, biases)), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
