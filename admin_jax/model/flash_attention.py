@@ -398,7 +398,8 @@ def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse,
   d_q_source, delta, dq_sums = _call(
       _dq_kernel, cfg, (batch, heads, q_blocks), in_specs=dq_specs,
       out_specs=[_all_parts(cfg.block_q, q.shape[2], dim), _rows(cfg.block_q, tiled=True), _block_sums(dim)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32((batch, heads, q_len)), f32((batch, heads, q_blocks, dim))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32((batch, heads, q_len)),
+                 f32((batch, heads, q_blocks, dim))],
       name='flash_attention_dq')(*operands, out)
   operands += (delta,)
   dkv_specs = [_SEED_SPEC,
