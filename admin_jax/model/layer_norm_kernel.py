@@ -133,7 +133,7 @@ def _call(kernel, cfg: _Config, grid: int, in_specs, out_specs, out_shape, name:
                         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
 
 
-def _forward(cfg: _Config, x, branch, branch_bias, rows_ids, key, shortcut, scale, bias):
+def _forward(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale, bias):
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   block = cfg.block_rows
@@ -142,7 +142,7 @@ def _forward(cfg: _Config, x, branch, branch_bias, rows_ids, key, shortcut, scal
                          _vector(d), _vector(d), _vector(d)],
                out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
                out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
-               name='residual_layer_norm_forward', num_warps=4)(x, branch, branch_bias, rows_ids, key, shortcut,
+               name='residual_layer_norm_forward', num_warps=4)(x, branch, branch_bias, row_ids, key, shortcut,
                                                                  scale, bias)
 
 
