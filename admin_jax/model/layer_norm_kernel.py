@@ -143,7 +143,7 @@ def _forward(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale
                out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
                out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
                name='residual_layer_norm_forward', num_warps=4)(x, branch, branch_bias, row_ids, key, shortcut,
-                                                                 scale, bias)
+                                                                scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
