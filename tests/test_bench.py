@@ -61,6 +61,9 @@ FAST_PATHS = [
     pytest.param(FastPath({'remat': 'full'}, F32), id='remat_full'),
     pytest.param(FastPath({'scan_layers': True}, F32), id='scan'),
     pytest.param(FastPath({'layer_norm_impl': 'pallas'}, F32), id='pallas_layer_norm'),
+    # What GPU runs use: both Pallas kernels under bf16 compute, against XLA's ops under bf16.
+    pytest.param(FastPath({'attention_impl': 'flash', 'layer_norm_impl': 'pallas'}, BF16,
+                          (('attention_dropout', 0.0), ('dtype', 'bfloat16'))), id='pallas_kernels_bfloat16'),
 ]
 
 
