@@ -12,9 +12,8 @@ one JSON line; the last line names the fastest tiling per layer (two unmasked ca
   python benchmarks/flash_sweep.py --batch=2 --tiling=64,64,4,2  # anywhere: a quick check
 """
 
+import functools
 import json
-import statistics
-import time
 
 from absl import app, flags
 import jax
@@ -23,9 +22,10 @@ import numpy as np
 
 from admin_jax.model.flash_attention import Part
 from admin_jax.model.flash_attention import flash_attention
+import sweeps
 
-# (block_q, block_k, num_warps, num_stages); the first is the kernels' default (docs/PERF.md has the
-# H200's times of the first eight).
+_FIELDS = ('block_q', 'block_k', 'num_warps', 'num_stages')
+# The first is the kernels' default (docs/PERF.md has the H200's times of the first eight).
 TILINGS = ('64,64,4,3', '64,64,4,2', '64,64,8,2', '32,64,4,2', '64,128,4,2', '128,64,4,2', '128,64,4,3',
            '64,64,4,4', '128,64,8,2', '128,128,8,2', '128,128,4,2')
 
@@ -38,26 +38,6 @@ _HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Width of a head.')
 _CALLS = flags.DEFINE_integer('calls', 10, 'Calls per timed sample (five samples, the median reported).')
 
 
-def _tiling(entry: str) -> tuple[int, int, int, int]:
-  numbers = tuple(int(n) for n in entry.split(','))
-  if len(numbers) != 4:
-    raise app.UsageError(f'--tiling={entry}: expected block_q,block_k,num_warps,num_stages')
-  return numbers
-
-
-def _timed_ms(fn, *args) -> float:
-  """Median wall time of one call over five samples of _CALLS calls each, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(5):
-    start = time.perf_counter()
-    for _ in range(_CALLS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) * 1e3 / _CALLS.value)
-  return statistics.median(samples)
-
-
 def main(argv):
   del argv
   batch, length, heads, head_dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
@@ -68,9 +48,9 @@ def main(argv):
   segments = jnp.ones((batch, length), jnp.int32)
   seed = jnp.uint32(1)
   per_layer = {}
-  for tiling in map(_tiling, _TILINGS.value):
+  for tiling in (sweeps.tiling(entry, _FIELDS) for entry in _TILINGS.value):
     block_q, block_k, num_warps, num_stages = tiling
-    record = dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    record = dict(zip(_FIELDS, tiling))
     for causal in (False, True):
       # Every array is an argument: closed over, XLA would constant-fold them for seconds per compile.
       def attention(qkv, bias, segments, seed):
@@ -84,9 +64,10 @@ def main(argv):
         return out, vjp(cotangent)
 
       name = 'causal' if causal else 'full'
+      timed_ms = functools.partial(sweeps.timed_ms, calls=_CALLS.value)
       try:
-        record[f'{name}_forward_ms'] = _timed_ms(jax.jit(attention), qkv, bias, segments, seed)
-        record[f'{name}_train_ms'] = _timed_ms(jax.jit(train), qkv, bias, segments, seed, cotangent)
+        record[f'{name}_forward_ms'] = timed_ms(jax.jit(attention), qkv, bias, segments, seed)
+        record[f'{name}_train_ms'] = timed_ms(jax.jit(train), qkv, bias, segments, seed, cotangent)
       except Exception as error:  # a tiling Triton cannot build (registers, shared memory) costs its line only
         record['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}'
         break
@@ -95,7 +76,7 @@ def main(argv):
     print(json.dumps(record), flush=True)
   if per_layer:
     best = min(per_layer, key=per_layer.get)
-    print(json.dumps({'fastest': dict(zip(('block_q', 'block_k', 'num_warps', 'num_stages'), best)),
+    print(json.dumps({'fastest': dict(zip(_FIELDS, best)),
                       'layer_train_ms': per_layer[best], 'device': jax.devices()[0].device_kind}))
 
 

@@ -38,6 +38,8 @@ _BLOCK_ELEMENTS = 4096
 # parameter gradients (3 x 4 bytes x d_model, written, then read again to be summed) are a small
 # share of its traffic: with one block per program they were a sixth of it on big6.
 _BACKWARD_BLOCKS = 16
+_FORWARD_WARPS = 4
+_BACKWARD_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class _Config:
   backward_blocks: int  # blocks of block_rows rows per backward program
   eps: float
   drop_threshold: int  # of the branch's dropout; 0: none
+  forward_warps: int
+  backward_warps: int
   interpret: bool
 
 
@@ -137,13 +141,14 @@ def _forward(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   block = cfg.block_rows
-  return _call(functools.partial(_forward_kernel, cfg=cfg), cfg, rows // block,
-               in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _per_row(block), _KEY_SPEC,
-                         _vector(d), _vector(d), _vector(d)],
-               out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
-               out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)), f32((rows,))],
-               name='residual_layer_norm_forward', num_warps=4)(x, branch, branch_bias, row_ids, key, shortcut,
-                                                                scale, bias)
+  kernel = _call(functools.partial(_forward_kernel, cfg=cfg), cfg, rows // block,
+                 in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _per_row(block), _KEY_SPEC,
+                           _vector(d), _vector(d), _vector(d)],
+                 out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
+                 out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)),
+                            f32((rows,))],
+                 name='residual_layer_norm_forward', num_warps=cfg.forward_warps)
+  return kernel(x, branch, branch_bias, row_ids, key, shortcut, scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -163,14 +168,15 @@ def _layer_norm_bwd(cfg: _Config, saved, grads):
   block = cfg.block_rows * cfg.backward_blocks
   programs = rows // block
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-  d_x, d_branch, *partial_sums = _call(
+  kernel = _call(
       functools.partial(_backward_kernel, cfg=cfg), cfg, programs,
       in_specs=[_row_block(block, d), _row_block(block, d), _row_block(block, d), _row_block(block, d), _vector(d),
                 _per_row(block), _KEY_SPEC, _vector(d), _vector(d), _per_row(block), _per_row(block)],
       out_specs=[_row_block(block, d), _row_block(block, d)] + [_partial_sum(d)] * 4,
       out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype)] + [f32((programs, d))] * 4,
-      name='residual_layer_norm_backward', num_warps=8)(grad, grad_copy, x, branch, branch_bias, row_ids, key,
-                                                        shortcut, scale, mean, rstd)
+      name='residual_layer_norm_backward', num_warps=cfg.backward_warps)
+  d_x, d_branch, *partial_sums = kernel(grad, grad_copy, x, branch, branch_bias, row_ids, key, shortcut, scale, mean,
+                                        rstd)
   d_branch_bias, d_shortcut, d_scale, d_bias = (p.sum(0) for p in partial_sums)
   return d_x, d_branch, d_branch_bias.astype(branch_bias.dtype), None, None, d_shortcut, d_scale, d_bias
 
@@ -181,6 +187,8 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array, shortcut: jax.Array,
                         scale: jax.Array, bias: jax.Array, *, eps: float, seed: jax.Array | None = None,
                         drop_threshold: int = 0, row_ids: jax.Array | None = None,
+                        block_elements: int = _BLOCK_ELEMENTS, backward_blocks: int = _BACKWARD_BLOCKS,
+                        forward_warps: int = _FORWARD_WARPS, backward_warps: int = _BACKWARD_WARPS,
                         interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """LN(shortcut * x + dropout(branch + branch_bias)) * scale + bias over the last axis (variance +
   eps) in float32, and the same rounded to the branch's dtype.
@@ -190,13 +198,16 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
   padded to the block inside. Dropout (where `seed` is given and `drop_threshold` > 0, see
   dropout.threshold) drops what `dropout.keep_mask(seed, shape, drop_threshold)` drops of the whole
   array, of which x holds the rows `row_ids` ([...] int32; by default, all of them in order).
+  block_elements (elements of a block of rows), backward_blocks (such blocks per backward program)
+  and the warps of each kernel are the Triton launch's tiling (benchmarks/layer_norm_sweep.py times
+  them).
   """
   d = x.shape[-1]
   if d & (d - 1):
     raise ValueError(f'the Pallas residual LayerNorm needs a power-of-two model dimension, got {d}')
   rows = x.size // d
-  block_rows = min(max(1, _BLOCK_ELEMENTS // d), pl.next_power_of_2(rows))
-  backward_blocks = min(_BACKWARD_BLOCKS, pl.next_power_of_2(pl.cdiv(rows, block_rows)))
+  block_rows = min(max(1, block_elements // d), pl.next_power_of_2(rows))
+  backward_blocks = min(backward_blocks, pl.next_power_of_2(pl.cdiv(rows, block_rows)))
   padded = pl.cdiv(rows, block_rows * backward_blocks) * block_rows * backward_blocks
   pad = lambda a: jnp.pad(a.reshape(rows, -1), ((0, padded - rows), (0, 0)))
   if seed is None:
@@ -206,7 +217,7 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
   operands = (pad(x.astype(jnp.float32)), pad(branch), branch_bias.astype(branch.dtype), pad(row_ids[:, None])[:, 0],
               key, vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
-  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold)
+  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold, forward_warps, backward_warps)
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
     outputs = lax.platform_dependent(*operands, cuda=functools.partial(_layer_norm, config(interpret=False)),
                                      default=functools.partial(_layer_norm, config(interpret=True)))
