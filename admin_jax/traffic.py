@@ -25,6 +25,7 @@ _INSTRUCTION = re.compile(r'^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$
 _ARRAY = re.compile(r'\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_ALIASING = re.compile(r'output_to_operand_aliasing=\{(.*?)\}(?:,|$)')
 _ALIASED_OPERAND = re.compile(r'\{[\d,]*\}: \((\d+),')
 
 # Ops that move no data of their own: views, tuples and bookkeeping.
@@ -108,7 +109,7 @@ class _Estimator:
 
   def _operand_and_result_bytes(self, instruction: _Instruction) -> int:
     """Each distinct operand once, less those an output aliases, and the result."""
-    aliasing = re.search(r'output_to_operand_aliasing=\{(.*?)\}(?:,|$)', instruction.attributes)
+    aliasing = _ALIASING.search(instruction.attributes)
     aliased = {instruction.operands[int(i)] for i in _ALIASED_OPERAND.findall(aliasing.group(1))} if aliasing else set()
     return _array_bytes(instruction.shape) + sum(_array_bytes(self.shapes.get(o, ''))
                                                  for o in dict.fromkeys(instruction.operands) if o not in aliased)

@@ -105,8 +105,7 @@ def _flash(query: Part, key: Part, value: Part, visibility: Visibility, *, scale
   """
   seed = jnp.zeros((), jnp.int32) if rng is None else dropout.seed_from(rng)
   rate = dropout_rate if rng is not None else 0.0
-  sources, roles = flash_attention.distinct_sources((query, key, value))
-  sources, biases = [x.source for x in sources], [x.bias for x in sources]
+  sources, biases, roles = flash_attention.distinct_sources((query, key, value))
 
   def local(sources, biases, q_segments, k_segments, seed, shard_axes=()):
     if shard_axes:

@@ -466,9 +466,10 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def distinct_sources(parts: tuple[Part, Part, Part]) -> tuple[list[Part], tuple[tuple[int, int], ...]]:
-  """The arrays that Q, K and V are parts of, each once (as its first part: source and bias), and
-  the (source, part) of each of Q, K, V.
+def distinct_sources(
+    parts: tuple[Part, Part, Part]) -> tuple[list[jax.Array], list[jax.Array | None], tuple[tuple[int, int], ...]]:
+  """The arrays that Q, K and V are parts of, each once, their biases, and the (source, part) of
+  each of Q, K, V.
 
   Every part of every source must be one of them: the kernels write the gradient of those parts
   only, and the rest of such an array's gradient would be left undefined.
@@ -485,7 +486,7 @@ def distinct_sources(parts: tuple[Part, Part, Part]) -> tuple[list[Part], tuple[
     if sorted(part for i, part in roles if i == index) != list(range(source.source.shape[2])):
       raise ValueError(f'flash_attention reads parts {[p for i, p in roles if i == index]} of an array of '
                        f'{source.source.shape[2]} parts: each part must be exactly one of query, key and value')
-  return sources, tuple(roles)
+  return [x.source for x in sources], [x.bias for x in sources], tuple(roles)
 
 
 def flash_attention(query: jax.Array | Part, key: jax.Array | Part, value: jax.Array | Part,
@@ -513,9 +514,8 @@ def flash_attention(query: jax.Array | Part, key: jax.Array | Part, value: jax.A
   and runs the Pallas interpreter on other platforms (slow; for tests), by the platform compiled for.
   """
   parts = tuple(x if isinstance(x, Part) else Part.of(x) for x in (query, key, value))
-  sources, roles = distinct_sources(parts)
-  biases = [jnp.zeros(x.source.shape[2:], x.source.dtype) if x.bias is None else x.bias for x in sources]
-  sources = [x.source for x in sources]
+  sources, biases, roles = distinct_sources(parts)
+  biases = [jnp.zeros(x.shape[2:], x.dtype) if b is None else b for x, b in zip(sources, biases)]
   (batch, q_len, _, heads, dim), k_shape = parts[0].source.shape, parts[1].source.shape
   k_len = k_shape[1]
   if (k_shape[0], k_shape[3:]) != (batch, (heads, dim)) or parts[2].source.shape[:2] != k_shape[:2] or any(

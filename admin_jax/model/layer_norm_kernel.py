@@ -34,9 +34,9 @@ from admin_jax.model import dropout
 # backward pass's six live [rows, d_model] float32 tiles fit in registers at 8 warps (16 values per
 # thread each).
 _BLOCK_ELEMENTS = 4096
-# Such blocks per backward program, looped over, so that its per-program partial sums of the three
-# parameter gradients (3 x 4 bytes x d_model, written, then read again to be summed) are a small
-# share of its traffic: with one block per program they were a sixth of it on big6.
+# Such blocks per backward program, looped over, so that its per-program partial sums of the four
+# parameter gradients (4 x 4 bytes x d_model, written, then read again to be summed) are a small
+# share of its traffic: with one block per program three of them were a sixth of it on big6.
 _BACKWARD_BLOCKS = 16
 _FORWARD_WARPS = 4
 _BACKWARD_WARPS = 8
