@@ -352,8 +352,13 @@ def _role_arrays(cfg: _Config, per_source) -> tuple[jax.Array, jax.Array, jax.Ar
   return tuple(per_source[source] for source, _ in cfg.roles)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg: _Config, seed, sources, biases, q_seg, k_seg) -> tuple[jax.Array, jax.Array]:
-  """Output [b, q, 1, h, d] and base-2 logsumexp [b, h, q] (float32)."""
+  """Output [b, q, 1, h, d] and base-2 logsumexp [b, h, q] (float32).
+
+  Jitted (as `_backward`) so that every layer calling the kernels with the same configuration and
+  shapes shares one trace and one Triton lowering: traced anew per call, they were a third of a
+  deep model's compile time."""
   q, k, v = _role_arrays(cfg, sources)
   (_, q_part), (_, k_part), (_, v_part) = cfg.roles
   batch, q_len, _, heads, dim = q.shape
@@ -373,6 +378,7 @@ def _forward(cfg: _Config, seed, sources, biases, q_seg, k_seg) -> tuple[jax.Arr
       name='flash_attention_forward')(seed, q, k, v, *_role_arrays(cfg, biases), q_seg, k_seg)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _backward(cfg: _Config, seed, sources, biases, q_seg, k_seg, out, lse,
               dout) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
   """The gradient of each source, and those of Q's and V's biases ([heads, head_dim], float32): the
