@@ -225,6 +225,22 @@ def test_remat_dots_saves_the_flash_kernels_outputs(np_rng):
   assert forward_kernels[1] == forward_kernels[0] > 0
 
 
+def test_remat_dots_saves_the_ffn_activation_rather_than_fc1_output(np_rng):
+  """Under remat='dots' the FFN's backward pass reads its ReLU/dropout output (fc2's weight
+  gradient, the mask): saving that by name, instead of fc1's output (a matmul output, saveable too),
+  spares recomputing it. The saved [layers, batch, length, ffn] residuals are that output: no value
+  below zero, some dropped to zero."""
+  ffn_dim = 56  # no other dimension of the model has this size
+  batch = packed_batch(np_rng, 2, 16, VOCAB, [[7, 9], [16]])
+  cfg = tiny('admin', dropout=0.1, activation_dropout=0.1, ffn_dim=ffn_dim, remat='dots', scan_layers=True)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
+  _, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(batch, rng=jax.random.key(1)).sum(), params)
+  saved = [r for r in jax.tree.leaves(vjp) if getattr(r, 'ndim', 0) == 4 and r.shape[-1] == ffn_dim]
+  assert len(saved) == 2  # one stack of layers each side
+  for activations in saved:
+    assert activations.min() >= 0 and (activations == 0).mean() > 0.1
+
+
 def test_kernels_are_traced_once_whatever_the_depth(np_rng, monkeypatch):
   """Layers of the same shapes share one trace of each Pallas kernel (and so one Triton lowering):
   traced per layer, the kernels were a third of a deep model's compile time."""

@@ -63,7 +63,8 @@ def test_a_scan_writes_each_layer_output_into_its_stack_in_place():
     ('%f = bf16[8,8]{1,0} copy(%a)', 'copy'),
 ])
 def test_ops_are_grouped_by_what_runs_them(text, kind):
-  program = f'HloModule m\n\nENTRY %main (a: bf16[8,8]) -> bf16[8,8] {{\n  %a = bf16[8,8]{{1,0}} parameter(0)\n  ROOT {text}\n}}\n'
+  program = (f'HloModule m\n\nENTRY %main (a: bf16[8,8]) -> bf16[8,8] {{\n'
+             f'  %a = bf16[8,8]{{1,0}} parameter(0)\n  ROOT {text}\n}}\n')
   ops = traffic.estimate(program)
   assert [op.kind for op in ops] == [kind]
   assert ops[0].count == 1 and ops[0].bytes >= 2 * 8 * 8 * 2

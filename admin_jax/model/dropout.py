@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 _LEVELS = 2 ** 16
 
@@ -121,6 +122,8 @@ def keep_mask(seed: jax.Array, shape: tuple[int, ...], drop_threshold: int) -> j
 
 
 def _scale(x: jax.Array, scale: float) -> jax.Array:
+  if scale == 1.0:
+    return x
   return (x.astype(jnp.float32) * scale).astype(x.dtype)  # scaled in float32: exact
 
 
@@ -149,34 +152,40 @@ def apply(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return _apply_with_seed(x, seed_from(rng), threshold(rate))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _scale_kept(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _scale_kept(x: jax.Array, keep: jax.Array, scale: float, name: str | None = None) -> jax.Array:
   """where(keep, x * scale, 0), whose backward pass reads its output instead of `keep`: the
   gradient flows where the output is non-zero. Exact wherever a kept zero of x has no gradient
-  of its own (see the callers), and the backward pass needs neither mask nor seed."""
+  of its own (see the callers), and the backward pass needs neither mask nor seed. `name` names
+  the output for remat policies: being the backward pass's only residual too, saving it by that
+  name saves all that the backward pass needs."""
   return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
 
 
-def _scale_kept_forward(x, keep, scale):
-  y = _scale_kept(x, keep, scale)
+def _scale_kept_forward(x, keep, scale, name):
+  y = jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+  if name is not None:
+    y = checkpoint_name(y, name)
   return y, y
 
 
-def _scale_kept_backward(scale, y, grad):
+def _scale_kept_backward(scale, name, y, grad):
+  del name
   return jnp.where(y != 0, _scale(grad, scale), jnp.zeros_like(grad)), None
 
 
 _scale_kept.defvjp(_scale_kept_forward, _scale_kept_backward)
 
 
-def apply_after_relu(h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def apply_after_relu(h: jax.Array, rate: float, rng: jax.Array | None, *, name: str | None = None) -> jax.Array:
   """dropout(relu(h)). Its backward pass needs only the output, which the next matmul keeps
-  anyway, instead of ReLU's boolean mask of the FFN's widest tensor."""
+  anyway, instead of ReLU's boolean mask of the FFN's widest tensor; `name` names that output for
+  remat policies (see _scale_kept)."""
   if rng is None or rate == 0.0:
-    return jax.nn.relu(h)
+    return _scale_kept(h, h > 0, 1.0, name)
   drop_threshold = threshold(rate)
   keep = keep_mask(seed_from(rng), h.shape, drop_threshold) & (h > 0)
-  return _scale_kept(h, keep, keep_scale(drop_threshold))
+  return _scale_kept(h, keep, keep_scale(drop_threshold), name)
 
 
 def apply_to_probabilities(probs: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

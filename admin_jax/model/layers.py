@@ -182,6 +182,12 @@ def sinusoidal_positions(positions: jax.Array, segments: jax.Array, d_model: int
   return jnp.where((segments > 0)[..., None], emb, 0.0)
 
 
+# What the FFN's backward pass reads (fc2's weight gradient and the ReLU/dropout's mask, see
+# dropout.apply_after_relu): remat='dots' saves it rather than fc1's output, from which it would
+# recompute it.
+FFN_HIDDEN_NAME = 'ffn_hidden'
+
+
 class FeedForward(nnx.Module):
   """fc1 -> ReLU -> dropout -> fc2, xavier-uniform weights (or xavier-normal x gain for DeepNorm)."""
 
@@ -199,5 +205,6 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, *, activation_dropout: float, rng: jax.Array | None) -> Branch:
     dtype = x.dtype
     h = jnp.einsum('bld,df->blf', x, self.fc1[...].astype(dtype)) + self.fc1_bias[...].astype(dtype)
-    h = dropout.apply_after_relu(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng)
+    h = dropout.apply_after_relu(constrain(h, ('batch', 'length', 'mlp')), activation_dropout, rng,
+                                 name=FFN_HIDDEN_NAME)
     return Branch(jnp.einsum('blf,fd->bld', h, self.fc2[...].astype(dtype)), self.fc2_bias[...])

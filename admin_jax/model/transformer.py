@@ -152,11 +152,13 @@ class DecoderLayer(nnx.Module):
     return x, cache
 
 
-# remat='dots': the outputs of weight matmuls and of the flash attention kernels are saved, the
-# rest (elementwise work, softmax, XLA attention's batched matmuls) recomputed in the backward pass.
+# remat='dots': the outputs of weight matmuls, of the flash attention kernels and the FFN's hidden
+# activation are saved, the rest (LayerNorms, softmax, XLA attention's batched matmuls) recomputed in
+# the backward pass.
 _SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names(flash_attention.OUTPUT_NAME, flash_attention.LOGSUMEXP_NAME))
+    jax.checkpoint_policies.save_only_these_names(flash_attention.OUTPUT_NAME, flash_attention.LOGSUMEXP_NAME,
+                                                  layers.FFN_HIDDEN_NAME))
 
 
 class LayerStack(nnx.Module):
