@@ -152,6 +152,10 @@ def apply(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return _apply_with_seed(x, seed_from(rng), threshold(rate))
 
 
+def _kept_and_scaled(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _scale_kept(x: jax.Array, keep: jax.Array, scale: float, name: str | None = None) -> jax.Array:
   """where(keep, x * scale, 0), whose backward pass reads its output instead of `keep`: the
@@ -159,12 +163,12 @@ def _scale_kept(x: jax.Array, keep: jax.Array, scale: float, name: str | None = 
   of its own (see the callers), and the backward pass needs neither mask nor seed. `name` names
   the output for remat policies: being the backward pass's only residual too, saving it by that
   name saves all that the backward pass needs."""
-  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+  return _kept_and_scaled(x, keep, scale)
 
 
 def _scale_kept_forward(x, keep, scale, name):
-  y = jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
-  if name is not None:
+  y = _kept_and_scaled(x, keep, scale)
+  if name is not None:  # here, not in _scale_kept: the name must be on the residual itself
     y = checkpoint_name(y, name)
   return y, y
 
