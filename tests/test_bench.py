@@ -60,6 +60,8 @@ FAST_PATHS = [
     pytest.param(FastPath({'dtype': 'bfloat16'}, BF16), id='bfloat16'),
     pytest.param(FastPath({'remat': 'full'}, F32), id='remat_full'),
     pytest.param(FastPath({'scan_layers': True}, F32), id='scan'),
+    # What deep stacks use (big18): matmul outputs, the flash outputs and the FFN's activation saved.
+    pytest.param(FastPath({'scan_layers': True, 'remat': 'dots'}, F32), id='scan_remat_dots'),
     pytest.param(FastPath({'layer_norm_impl': 'pallas'}, F32), id='pallas_layer_norm'),
     # What GPU runs use: both Pallas kernels under bf16 compute, against XLA's ops under bf16.
     pytest.param(FastPath({'attention_impl': 'flash', 'layer_norm_impl': 'pallas'}, BF16,
