@@ -47,6 +47,7 @@ def main(argv):
   cotangent = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.bfloat16)
   segments = jnp.ones((batch, length), jnp.int32)
   seed = jnp.uint32(1)
+  timed_ms = functools.partial(sweeps.timed_ms, calls=_CALLS.value)
   per_layer = {}
   for tiling in (sweeps.tiling(entry, _FIELDS) for entry in _TILINGS.value):
     block_q, block_k, num_warps, num_stages = tiling
@@ -64,7 +65,6 @@ def main(argv):
         return out, vjp(cotangent)
 
       name = 'causal' if causal else 'full'
-      timed_ms = functools.partial(sweeps.timed_ms, calls=_CALLS.value)
       try:
         record[f'{name}_forward_ms'] = timed_ms(jax.jit(attention), qkv, bias, segments, seed)
         record[f'{name}_train_ms'] = timed_ms(jax.jit(train), qkv, bias, segments, seed, cotangent)

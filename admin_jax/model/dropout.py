@@ -127,11 +127,16 @@ def _scale(x: jax.Array, scale: float) -> jax.Array:
   return (x.astype(jnp.float32) * scale).astype(x.dtype)  # scaled in float32: exact
 
 
+def kept_and_scaled(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+  """where(keep, x * scale, 0), scaled in float32 and rounded to x's dtype: how every dropout here
+  applies its mask, the kernels' tiles included, so that all paths round alike."""
+  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _apply_with_seed(x: jax.Array, seed: jax.Array, drop_threshold: int) -> jax.Array:
   """Dropout of x by the hash of `seed`; the backward pass keeps only the seed and rebuilds the mask."""
-  return jnp.where(keep_mask(seed, x.shape, drop_threshold), _scale(x, keep_scale(drop_threshold)),
-                   jnp.zeros_like(x))
+  return kept_and_scaled(x, keep_mask(seed, x.shape, drop_threshold), keep_scale(drop_threshold))
 
 
 def _apply_forward(x, seed, drop_threshold):
@@ -152,10 +157,6 @@ def apply(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return _apply_with_seed(x, seed_from(rng), threshold(rate))
 
 
-def _kept_and_scaled(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
-  return jnp.where(keep, _scale(x, scale), jnp.zeros_like(x))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _scale_kept(x: jax.Array, keep: jax.Array, scale: float, name: str | None = None) -> jax.Array:
   """where(keep, x * scale, 0), whose backward pass reads its output instead of `keep`: the
@@ -163,11 +164,11 @@ def _scale_kept(x: jax.Array, keep: jax.Array, scale: float, name: str | None = 
   of its own (see the callers), and the backward pass needs neither mask nor seed. `name` names
   the output for remat policies: being the backward pass's only residual too, saving it by that
   name saves all that the backward pass needs."""
-  return _kept_and_scaled(x, keep, scale)
+  return kept_and_scaled(x, keep, scale)
 
 
 def _scale_kept_forward(x, keep, scale, name):
-  y = _kept_and_scaled(x, keep, scale)
+  y = kept_and_scaled(x, keep, scale)
   if name is not None:  # here, not in _scale_kept: the name must be on the residual itself
     y = checkpoint_name(y, name)
   return y, y

@@ -154,7 +154,7 @@ def _tile_keep(cfg: _Config, key: tuple[jax.Array, jax.Array] | None, rows: jax.
 
 def _drop(keep: jax.Array | None, x: jax.Array, scale: float) -> jax.Array:
   """x * scale where kept and 0 where dropped; x itself without dropout."""
-  return x if keep is None else jnp.where(keep, x * scale, 0.0)
+  return x if keep is None else dropout.kept_and_scaled(x, keep, scale)
 
 
 def _key_blocks(cfg: _Config, q_block: jax.Array, num_k_blocks: int) -> jax.Array:

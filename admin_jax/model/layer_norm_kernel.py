@@ -66,7 +66,7 @@ def _dropped_branch(cfg: _Config, branch: jax.Array, branch_bias: jax.Array, kee
   """dropout(branch + branch_bias) in float32, rounded as XLA's ops in the branch's dtype round it."""
   f = branch + branch_bias[None, :]
   if keep is not None:
-    f = jnp.where(keep, (f.astype(jnp.float32) * dropout.keep_scale(cfg.drop_threshold)).astype(f.dtype), 0)
+    f = dropout.kept_and_scaled(f, keep, dropout.keep_scale(cfg.drop_threshold))
   return f.astype(jnp.float32)
 
 
@@ -101,7 +101,7 @@ def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, branch_bias_ref
     d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
                     - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
     d_x_ref[rows, :] = d_sum * shortcut
-    d_branch = d_sum if keep is None else jnp.where(keep, d_sum * dropout.keep_scale(cfg.drop_threshold), 0.0)
+    d_branch = d_sum if keep is None else dropout.kept_and_scaled(d_sum, keep, dropout.keep_scale(cfg.drop_threshold))
     d_branch_ref[rows, :] = d_branch.astype(d_branch_ref.dtype)
     d_branch_bias, d_shortcut, d_scale, d_bias = sums
     return (d_branch_bias + jnp.sum(d_branch, axis=0), d_shortcut + jnp.sum(d_sum * x, axis=0),
