@@ -75,6 +75,8 @@ _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'f
                                     'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
 _LAYER_NORM_IMPL = flags.DEFINE_enum('layer_norm_impl', 'xla', ['xla', 'pallas'],
                                      'The residual LayerNorm: XLA fusions or one Pallas kernel each way.')
+_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+                                   'dtype of the residual stream between sublayers (model.stream_dtype).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
@@ -101,6 +103,7 @@ class Options:
   attention_impl: str = 'xla'
   scan_layers: bool = False
   layer_norm_impl: str = 'xla'
+  stream_dtype: str = 'float32'
 
   @property
   def attention_dropout(self) -> float:
@@ -114,7 +117,7 @@ def model_config(preset: Preset, options: Options = Options()) -> TransformerCon
                            num_heads=preset.num_heads, dtype=preset.dtype, remat=options.remat,
                            attention_impl=options.attention_impl, attention_dropout=options.attention_dropout,
                            scan_layers=options.scan_layers, layer_norm_impl=options.layer_norm_impl,
-                           max_len=preset.seq_len)
+                           stream_dtype=options.stream_dtype, max_len=preset.seq_len)
 
 
 def _packed_side(rng: np.random.Generator, segments: np.ndarray, length: int,
@@ -223,6 +226,7 @@ def _described(preset: Preset, options: Options) -> dict:
       'attention_impl': options.attention_impl,
       'scan_layers': options.scan_layers,
       'layer_norm_impl': options.layer_norm_impl,
+      'stream_dtype': options.stream_dtype,
       'attention_dropout': options.attention_dropout,
       'jax': jax.__version__,
   }
@@ -336,7 +340,7 @@ def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value,
-                    layer_norm_impl=_LAYER_NORM_IMPL.value)
+                    layer_norm_impl=_LAYER_NORM_IMPL.value, stream_dtype=_STREAM_DTYPE.value)
   names = _PRESET.value
   # A target's compile-only devices must come before anything starts JAX's backends.
   devices = deviceless.compile_only_devices(_TARGET.value) if _TARGET.value else None

@@ -90,6 +90,35 @@ def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_residual_layer_norm_in_a_bfloat16_stream(impl, np_rng):
+  """With the residual stream in bf16 (model.stream_dtype) as well as the branch, the output is bf16
+  and the copy is the output itself; computed in float32, it and the input gradients are the float64
+  formula's on the same bf16 inputs, rounded to bf16 (half a bf16 step: rtol 2^-8), the parameter
+  gradients float32 sums (rtol 1e-5), and the backward pass keeps no float32 [batch, length, d] tensor."""
+  x, branch, shortcut, scale, bias = _residual_inputs(np_rng, (SHAPE[-1],), jnp.bfloat16)
+  x = jnp.asarray(x, jnp.bfloat16)
+  cotangents = [jnp.asarray(np_rng.normal(0, 1, SHAPE), jnp.bfloat16) for _ in range(2)]
+  (out, copy), vjp = jax.vjp(functools.partial(layers.residual_layer_norm, impl=impl), x, branch, shortcut, scale,
+                             bias)
+  assert out.dtype == copy.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(copy, out)
+  if impl == 'xla':
+    assert {a.dtype for a in jax.tree.leaves(vjp) if a.shape == SHAPE} == {jnp.dtype(jnp.bfloat16)}
+  grads = vjp(tuple(cotangents))
+  with jax.enable_x64():
+    wide = [jnp.asarray(np.asarray(a, np.float64)) for a in (x, branch, shortcut, scale, bias)]
+    want_out, want_vjp = jax.vjp(_plain_residual_layer_norm, *wide)
+    want_grads = want_vjp(jnp.asarray(np.asarray(cotangents[0], np.float64) + np.asarray(cotangents[1], np.float64)))
+    want_out, want_grads = np.asarray(want_out), [np.asarray(g) for g in want_grads]
+  np.testing.assert_allclose(np.asarray(out, np.float64), want_out, rtol=2 ** -8, atol=1e-6)
+  for name, got, want in zip(('x', 'branch', 'shortcut', 'scale', 'bias'), grads, want_grads):
+    rtol = 2 ** -8 if got.dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=1e-5 * np.abs(want).max(),
+                               err_msg=name)
+  assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize('shape', [(3, 37, 64), (3, 700, 64)], ids=['one_program', 'three_programs'])
 def test_pallas_residual_layer_norm_pads_rows_to_its_block(shape, np_rng):
   """Rows that do not fill the kernels' blocks give the XLA path's output and gradients: 111 rows of

@@ -124,7 +124,7 @@ def test_layers_match_numpy_reference(residual, np_rng):
     graphdef, state = nnx.split(layer_module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
-  stream = residual_lib.Stream.of(jnp.asarray(x), cfg.compute_dtype)
+  stream = residual_lib.Stream.of(jnp.asarray(x), cfg.stream, cfg.compute_dtype)
   enc_out = unstack(enc_layer)(stream, Visibility(seg, seg), None, None)[0].value
   dec_out = unstack(dec_layer)(stream, jnp.asarray(memory, cfg.compute_dtype), Visibility(seg, seg, causal=True),
                                Visibility(seg, mem_seg), None, None)[0].value
@@ -192,6 +192,27 @@ def test_admin_logn_model_uses_stack_sizes():
   omegas = model.get_omegas()
   np.testing.assert_allclose(omegas['encoder'], residual_lib.logn_omega(6), rtol=1e-6)
   np.testing.assert_allclose(omegas['decoder'], residual_lib.logn_omega(12), rtol=1e-6)
+
+
+@pytest.mark.parametrize('layer_norm_impl', ['xla', 'pallas'])
+def test_stream_dtype_is_what_every_sublayer_outputs(layer_norm_impl, np_rng):
+  """model.stream_dtype='bfloat16' keeps x_k in bf16 between sublayers: every sublayer output the
+  encoder's trace records is a bf16 value, and the logits stay within bf16 rounding of the float32
+  stream's. With the float32 stream (the default) most outputs are not bf16 values."""
+  batch = packed_batch(np_rng, 2, 10, VOCAB, [[4, 6], [10]])
+  outputs, logits = {}, {}
+  for stream_dtype in ('float32', 'bfloat16'):
+    cfg = tiny('admin', dtype='bfloat16', stream_dtype=stream_dtype, layer_norm_impl=layer_norm_impl)
+    model = Transformer(cfg, rngs=nnx.Rngs(5))
+    offsets = jnp.zeros((cfg.num_encoder_layers, 2) + batch['inputs'].shape + (cfg.d_model,))
+    _, sublayers = model.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
+                                       offsets)
+    outputs[stream_dtype] = np.asarray(sublayers.output)
+    logits[stream_dtype] = np.asarray(forward(model, batch), np.float32)
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(outputs['bfloat16'], as_bf16(outputs['bfloat16']))
+  assert (outputs['float32'] != as_bf16(outputs['float32'])).mean() > 0.9
+  np.testing.assert_allclose(logits['bfloat16'], logits['float32'], atol=0.05 * np.abs(logits['float32']).max())
 
 
 @pytest.mark.parametrize('remat', ['none', 'full'])

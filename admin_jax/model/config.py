@@ -20,6 +20,7 @@ class TransformerConfig:
   activation_dropout: float = 0.1
   share_embeddings: bool = True
   dtype: str = 'float32'
+  stream_dtype: str = 'float32'  # the residual stream x_k between sublayers
   scan_layers: bool = True
   remat: str = 'none'
   attention_impl: str = 'xla'  # xla | cudnn | flash (model/attention.py)
@@ -29,6 +30,10 @@ class TransformerConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+  @property
+  def stream(self) -> jnp.dtype:
+    return jnp.dtype(self.stream_dtype)
 
   @property
   def head_dim(self) -> int:

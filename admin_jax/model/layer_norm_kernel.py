@@ -15,7 +15,8 @@ backward kernel from the global row index of each row), and the bias's gradient 
 sum: otherwise adding them, and masking the gradient and summing it for the bias, are one XLA pass
 each way over the branch output of every sublayer.
 
-Float32 throughout, as `layers.residual_layer_norm`, whose results these equal to rounding.
+Computed in float32 throughout (the stream may be stored in a narrower dtype), as
+`layers.residual_layer_norm`, whose results these equal to rounding.
 `interpret=None` compiles with Triton for CUDA and runs the Pallas interpreter elsewhere (tests).
 """
 
@@ -48,6 +49,7 @@ class _Config:
   backward_blocks: int  # blocks of block_rows rows per backward program
   eps: float
   drop_threshold: int  # of the branch's dropout; 0: none
+  separate_copy: bool  # whether the stream's dtype differs from the branch's, so that the copy is written
   forward_warps: int
   backward_warps: int
   interpret: bool
@@ -71,15 +73,18 @@ def _dropped_branch(cfg: _Config, branch: jax.Array, branch_bias: jax.Array, kee
 
 
 def _forward_kernel(x_ref, branch_ref, branch_bias_ref, rows_ref, key_ref, shortcut_ref, scale_ref, bias_ref, y_ref,
-                    copy_ref, mean_ref, rstd_ref, *, cfg: _Config):
+                    *outputs, cfg: _Config):
+  *copy_ref, mean_ref, rstd_ref = outputs  # the copy only where cfg.separate_copy
   keep = _keep(cfg, rows_ref, key_ref, slice(None), x_ref.shape[1])
-  s = shortcut_ref[...][None, :] * x_ref[...] + _dropped_branch(cfg, branch_ref[...], branch_bias_ref[...], keep)
+  s = (shortcut_ref[...][None, :] * x_ref[...].astype(jnp.float32)
+       + _dropped_branch(cfg, branch_ref[...], branch_bias_ref[...], keep))
   mean = jnp.mean(s, axis=1)
   centred = s - mean[:, None]
   rstd = lax.rsqrt(jnp.mean(centred * centred, axis=1) + cfg.eps)
   y = centred * rstd[:, None] * scale_ref[...][None, :] + bias_ref[...][None, :]
-  y_ref[...] = y
-  copy_ref[...] = y.astype(copy_ref.dtype)
+  y_ref[...] = y.astype(y_ref.dtype)
+  for ref in copy_ref:
+    ref[...] = y.astype(ref.dtype)
   mean_ref[...] = mean
   rstd_ref[...] = rstd
 
@@ -91,8 +96,8 @@ def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, branch_bias_ref
 
   def block(i, sums):
     rows = pl.ds(i * cfg.block_rows, cfg.block_rows)
-    x = x_ref[rows, :]
-    grad = grad_ref[rows, :] + grad_copy_ref[rows, :].astype(jnp.float32)
+    x = x_ref[rows, :].astype(jnp.float32)
+    grad = grad_ref[rows, :].astype(jnp.float32) + grad_copy_ref[rows, :].astype(jnp.float32)
     rstd = rstd_ref[rows][:, None]
     keep = _keep(cfg, rows_ref, key_ref, rows, x.shape[1])
     f = _dropped_branch(cfg, branch_ref[rows, :], branch_bias, keep)
@@ -100,7 +105,7 @@ def _backward_kernel(grad_ref, grad_copy_ref, x_ref, branch_ref, branch_bias_ref
     d_normalized = grad * scale
     d_sum = rstd * (d_normalized - jnp.mean(d_normalized, axis=1)[:, None]
                     - normalized * jnp.mean(d_normalized * normalized, axis=1)[:, None])
-    d_x_ref[rows, :] = d_sum * shortcut
+    d_x_ref[rows, :] = (d_sum * shortcut).astype(d_x_ref.dtype)
     d_branch = d_sum if keep is None else dropout.kept_and_scaled(d_sum, keep, dropout.keep_scale(cfg.drop_threshold))
     d_branch_ref[rows, :] = d_branch.astype(d_branch_ref.dtype)
     d_branch_bias, d_shortcut, d_scale, d_bias = sums
@@ -144,14 +149,15 @@ def _forward(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   block = cfg.block_rows
+  copies = [jax.ShapeDtypeStruct((rows, d), branch.dtype)] if cfg.separate_copy else []
   kernel = _call(functools.partial(_forward_kernel, cfg=cfg), cfg, rows // block,
                  in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _per_row(block), _KEY_SPEC,
                            _vector(d), _vector(d), _vector(d)],
-                 out_specs=[_row_block(block, d), _row_block(block, d), _per_row(block), _per_row(block)],
-                 out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype), f32((rows,)),
-                            f32((rows,))],
+                 out_specs=[_row_block(block, d)] * (1 + len(copies)) + [_per_row(block), _per_row(block)],
+                 out_shape=[jax.ShapeDtypeStruct((rows, d), x.dtype)] + copies + [f32((rows,)), f32((rows,))],
                  name='residual_layer_norm_forward', num_warps=cfg.forward_warps)
-  return kernel(x, branch, branch_bias, row_ids, key, shortcut, scale, bias)
+  y, *copy, mean, rstd = kernel(x, branch, branch_bias, row_ids, key, shortcut, scale, bias)
+  return y, copy[0] if copy else y, mean, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -176,7 +182,8 @@ def _backward(cfg: _Config, grad, grad_copy, x, branch, branch_bias, row_ids, ke
       in_specs=[_row_block(block, d), _row_block(block, d), _row_block(block, d), _row_block(block, d), _vector(d),
                 _per_row(block), _KEY_SPEC, _vector(d), _vector(d), _per_row(block), _per_row(block)],
       out_specs=[_row_block(block, d), _row_block(block, d)] + [_partial_sum(d)] * 4,
-      out_shape=[f32((rows, d)), jax.ShapeDtypeStruct((rows, d), branch.dtype)] + [f32((programs, d))] * 4,
+      out_shape=[jax.ShapeDtypeStruct((rows, d), x.dtype), jax.ShapeDtypeStruct((rows, d), branch.dtype)]
+      + [f32((programs, d))] * 4,
       name='residual_layer_norm_backward', num_warps=cfg.backward_warps)
   d_x, d_branch, *partial_sums = kernel(grad, grad_copy, x, branch, branch_bias, row_ids, key, shortcut, scale, mean,
                                         rstd)
@@ -199,9 +206,10 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
                         forward_warps: int = _FORWARD_WARPS, backward_warps: int = _BACKWARD_WARPS,
                         interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """LN(shortcut * x + dropout(branch + branch_bias)) * scale + bias over the last axis (variance +
-  eps) in float32, and the same rounded to the branch's dtype.
+  eps), computed in float32 and returned in x's dtype, and the same rounded to the branch's dtype
+  (the same array where the dtypes are the same).
 
-  x is float32 [..., d], branch any float dtype of the same shape, branch_bias [d] in its dtype,
+  x is [..., d] in the residual stream's dtype, branch any float dtype of the same shape, branch_bias [d] in its dtype,
   shortcut a scalar or [d], scale and bias [d]; d must be a power of two (a Triton block). Rows are
   padded to the block inside. Dropout (where `seed` is given and `drop_threshold` > 0, see
   dropout.threshold) drops what `dropout.keep_mask(seed, shape, drop_threshold)` drops of the whole
@@ -223,9 +231,10 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
   row_ids = lax.iota(jnp.int32, rows) if row_ids is None else row_ids.reshape(rows).astype(jnp.int32)
   key = jnp.zeros((2,), jnp.int32) if not drop_threshold else jnp.stack(dropout.stream_key(dropout.seed_int32(seed), 0))
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
-  operands = (pad(x.astype(jnp.float32)), pad(branch), branch_bias.astype(branch.dtype), pad(row_ids[:, None])[:, 0],
+  operands = (pad(x), pad(branch), branch_bias.astype(branch.dtype), pad(row_ids[:, None])[:, 0],
               key, vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
-  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold, forward_warps, backward_warps)
+  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold, x.dtype != branch.dtype,
+                             forward_warps, backward_warps)
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
     outputs = lax.platform_dependent(*operands, cuda=functools.partial(_layer_norm, config(interpret=False)),
                                      default=functools.partial(_layer_norm, config(interpret=True)))

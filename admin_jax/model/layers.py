@@ -72,19 +72,20 @@ def _normalize(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def residual_layer_norm(x: jax.Array, branch: jax.Array, shortcut: jax.Array, scale: jax.Array, bias: jax.Array,
                         impl: str = 'xla', *, branch_bias: jax.Array | None = None, dropout_rate: float = 0.0,
                         rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """LN(shortcut * x + dropout(branch + branch_bias)) in float32, the Post-LN, Admin and DeepNorm
-  residual, and its copy in the branch's (compute) dtype.
+  """LN(shortcut * x + dropout(branch + branch_bias)), the Post-LN, Admin and DeepNorm residual,
+  computed in float32 and returned in x's dtype (the stream's), with its copy in the branch's
+  (compute) dtype: the same array where the two dtypes are the same.
 
-  The next branch reads the copy: made here, it costs no pass of its own over the float32 stream,
-  and the two outputs' gradients (the next residual's shortcut and the next branch's input) are
-  summed inside this backward pass instead of by one more. `shortcut` is omega ([d_model]) or a
-  scalar; `branch_bias` ([d_model]) is the branch's last bias, and the dropout (`rng=None`: none)
-  its output dropout. The backward pass keeps x (float32), the branch output in its own dtype and two
-  statistics per token, and recomputes the rest; differentiated as written it would keep about
-  four float32 [batch, length, d_model] tensors per sublayer, the largest share of a Post-LN
-  model's activation memory under bf16 compute. `impl` 'xla' leaves the passes to XLA's fusions;
-  'pallas' runs one kernel each way (layer_norm_kernel.py), which reads the residual stream fewer
-  times and applies the branch's bias and dropout as it reads it.
+  The next branch reads the copy: made here, it costs no pass of its own over the stream, and the
+  two outputs' gradients (the next residual's shortcut and the next branch's input) are summed
+  inside this backward pass instead of by one more. `shortcut` is omega ([d_model]) or a scalar;
+  `branch_bias` ([d_model]) is the branch's last bias, and the dropout (`rng=None`: none) its output
+  dropout. The backward pass keeps x, the branch output in their own dtypes and two statistics per
+  token, and recomputes the rest; differentiated as written it would keep about four float32
+  [batch, length, d_model] tensors per sublayer, the largest share of a Post-LN model's activation
+  memory under bf16 compute. `impl` 'xla' leaves the passes to XLA's fusions; 'pallas' runs one
+  kernel each way (layer_norm_kernel.py), which reads the residual stream fewer times and applies
+  the branch's bias and dropout as it reads it.
   """
   if branch_bias is None:
     branch_bias = jnp.zeros(x.shape[-1], branch.dtype)
@@ -122,22 +123,28 @@ def _xla_residual_layer_norm(x, branch, shortcut, scale, bias):
 
 
 def _residual_layer_norm_forward(x, branch, shortcut, scale, bias):
-  normalized, mean, rstd = _normalize(shortcut * x + branch.astype(jnp.float32))
+  normalized, mean, rstd = _normalize(shortcut * x.astype(jnp.float32) + branch.astype(jnp.float32))
   y = normalized * scale + bias
-  return (y, y.astype(branch.dtype)), (x, as_stored(branch), shortcut, scale, mean, rstd)
+  return _stream_and_copy(y, x.dtype, branch.dtype), (x, as_stored(branch), shortcut, scale, mean, rstd)
+
+
+def _stream_and_copy(y: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  value = y.astype(stream_dtype)
+  return value, value if stream_dtype == compute_dtype else y.astype(compute_dtype)
 
 
 def _residual_layer_norm_backward(saved, grads):
   x, branch, shortcut, scale, mean, rstd = saved
-  grad = grads[0] + grads[1].astype(jnp.float32)
-  normalized = (shortcut * x + branch.astype(jnp.float32) - mean) * rstd
+  grad = grads[0].astype(jnp.float32) + grads[1].astype(jnp.float32)
+  x32 = x.astype(jnp.float32)
+  normalized = (shortcut * x32 + branch.astype(jnp.float32) - mean) * rstd
   token_axes = tuple(range(grad.ndim - 1))
   d_scale, d_bias = (grad * normalized).sum(token_axes), grad.sum(token_axes)
   d_normalized = grad * scale
   d_sum = rstd * (d_normalized - d_normalized.mean(-1, keepdims=True)
                   - normalized * (d_normalized * normalized).mean(-1, keepdims=True))
-  d_shortcut = (d_sum * x).sum(token_axes if shortcut.ndim else None).reshape(shortcut.shape)
-  return d_sum * shortcut, d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
+  d_shortcut = (d_sum * x32).sum(token_axes if shortcut.ndim else None).reshape(shortcut.shape)
+  return (d_sum * shortcut).astype(x.dtype), d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
 
 
 _xla_residual_layer_norm.defvjp(_residual_layer_norm_forward, _residual_layer_norm_backward)

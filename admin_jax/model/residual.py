@@ -51,17 +51,19 @@ def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int) -> Deep
 
 
 class Stream(NamedTuple):
-  """The residual stream between sublayers: x_k in float32, and its copy in the compute dtype,
-  which the next Post-LN branch reads. The residual LayerNorm writes both in one pass and sums
-  both gradients in its backward pass (`layers.residual_layer_norm`), so neither the cast nor the
+  """The residual stream between sublayers: x_k in the stream dtype (float32 by default), and its
+  copy in the compute dtype, which the next Post-LN branch reads; where the two dtypes are the same
+  the copy is the same array. The residual LayerNorm writes both in one pass and sums both
+  gradients in its backward pass (`layers.residual_layer_norm`), so neither the cast nor the
   gradient sum costs a pass of its own over the stream."""
   value: jax.Array
   compute: jax.Array
 
   @classmethod
-  def of(cls, x: jax.Array, dtype: jnp.dtype) -> 'Stream':
+  def of(cls, x: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> 'Stream':
     """The stream starting from x (embeddings, or a Pre-LN sum), copy made by a cast."""
-    return cls(x.astype(jnp.float32), x.astype(dtype))
+    value = x.astype(stream_dtype)
+    return cls(value, value if value.dtype == compute_dtype else x.astype(compute_dtype))
 
 
 class Profile(NamedTuple):
@@ -150,9 +152,10 @@ class Residual(nnx.Module):
     """
     x = x.value
     dtype = branch.value.dtype
+    float32 = lambda a: a.astype(jnp.float32)
     f = branch.dropped(dropout_rate, rng) if self.kind == 'pre_ln' or profile is not None or tap is not None else None
     if self.kind == 'pre_ln':
-      output = Stream.of(x + f.astype(jnp.float32), dtype)
+      output = Stream.of(float32(x) + float32(f), x.dtype, dtype)
     else:
       shortcut = self.shortcut_scale() if profile is None else profile.r
       if profile is not None:
@@ -162,5 +165,5 @@ class Residual(nnx.Module):
           x, branch.value, jnp.asarray(shortcut, jnp.float32), self.norm.scale[...], self.norm.bias[...],
           self.layer_norm_impl, branch_bias=branch.bias, dropout_rate=dropout_rate, rng=rng))
     if tap is not None:
-      output = Stream.of(tap(x, f.astype(jnp.float32), output.value), dtype)
+      output = Stream.of(tap(float32(x), float32(f), float32(output.value)), x.dtype, dtype)
     return output, profile

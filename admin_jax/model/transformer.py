@@ -231,10 +231,10 @@ class Transformer(nnx.Module):
   # -- embeddings ------------------------------------------------------------------------------
 
   def _embed(self, table: layers.Embedding, tokens, positions, segments, rng) -> Stream:
-    """(sqrt(d) * E[token] + sinusoid) with dropout, in float32: the start of the residual stream."""
+    """(sqrt(d) * E[token] + sinusoid) with dropout, computed in float32: the start of the residual stream."""
     x = table(tokens, jnp.float32) + layers.sinusoidal_positions(positions, segments, self.cfg.d_model)
     return Stream.of(constrain(dropout.apply(x, self.cfg.dropout, rng), ('batch', 'length', 'embed')),
-                     self.cfg.compute_dtype)
+                     self.cfg.stream, self.cfg.compute_dtype)
 
   def _decoder_table(self) -> layers.Embedding:
     return self.embedding if self.cfg.share_embeddings else self.decoder_embedding
@@ -272,7 +272,7 @@ class Transformer(nnx.Module):
 
     (x, _), (omegas, sublayers) = self.encoder.apply(step, (x, profile), (keys, offsets))
     if self.cfg.residual == 'pre_ln':
-      x = Stream.of(self.encoder_final_norm(x.value), self.cfg.compute_dtype)
+      x = Stream.of(self.encoder_final_norm(x.value), self.cfg.stream, self.cfg.compute_dtype)
     return x, omegas, sublayers
 
   def _decode(self, targets_in, segments, positions, memory, memory_segments, rng, profile: Profile | None,
@@ -297,7 +297,7 @@ class Transformer(nnx.Module):
   def encode(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array, *,
              rng: jax.Array | None = None) -> jax.Array:
     """Encoder output [batch, src_len, d_model], float32."""
-    return self._encode(inputs, segments, positions, rng, None)[0].value
+    return self._encode(inputs, segments, positions, rng, None)[0].value.astype(jnp.float32)
 
   def decode(self, targets_in: jax.Array, segments: jax.Array, positions: jax.Array, memory: jax.Array,
              memory_segments: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
@@ -348,7 +348,7 @@ class Transformer(nnx.Module):
     gradient with respect to them is dL/dx_k (spec 7.3); the tensors have the same leading axes.
     """
     x, _, sublayers = self._encode(inputs, segments, positions, None, None, offsets)
-    return x.value, sublayers
+    return x.value.astype(jnp.float32), sublayers
 
   def trace(self, batch: dict[str, jax.Array],
             offsets: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Sublayer]]:
