@@ -309,7 +309,8 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 
   step_s = statistics.median(seconds)
   n_devices = jax.device_count()
-  tflops = flops.training_flops(setup.model_cfg, preset.batch, preset.seq_len, preset.seq_len) / step_s / 1e12 / n_devices
+  flops_per_step = flops.training_flops(setup.model_cfg, preset.batch, preset.seq_len, preset.seq_len)
+  tflops = flops_per_step / step_s / 1e12 / n_devices
   datasheet = flops.datasheet_peak()
   memory, memory_source = _memory(compiled)
   plan = compiled.memory_analysis()

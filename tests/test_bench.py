@@ -143,6 +143,22 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
   assert {'gemm', 'custom-call:__gpu$xla.gpu.triton'} <= set(record['traffic_bytes_by_kind'])
 
 
+
+@pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
+def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(tmp_path):
+  """--stream_dtype=bfloat16 under float32 compute (the tiny preset) with XLA's LayerNorm: the GPU
+  program holds the stream as bf16 [batch, length, d_model] arrays. XLA's GPU compiler, allowed
+  excess precision, drops a rounding to bf16 and its reverse, and so kept none before the stream was
+  stored as rounded (`layers.in_stream_dtype`); a CPU program keeps them either way."""
+  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
+  env.pop('JAX_PLATFORMS')
+  result = _compile_for_h100(env, '--stream_dtype=bfloat16', f'--trace_dir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout)['stream_dtype'] == 'bfloat16'
+  stream = f'bf16[{TINY.batch},{TINY.seq_len},{TINY.d_model}]'
+  assert (tmp_path / 'hlo.txt').read_text().count(stream) > 10
+
+
 def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
   h100 = deviceless.TARGETS['h100']
   assert deviceless.pool_bytes(h100) == int(0.75 * h100.memory_bytes)
