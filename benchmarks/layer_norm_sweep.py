@@ -1,8 +1,8 @@
 """Times the residual LayerNorm kernels' Triton tilings at the benchmark presets' shapes.
 
 One call is one sublayer's residual LayerNorm of a step: LN(omega * x + dropout(branch + bias)) over
-[rows, d_model] (big6 and big18: 32,768 rows of 1024; base6: 65,536 of 512), float32 stream, bf16
-branch, the paper's dropout 0.1. Each tiling is timed forward only and forward + backward (both
+[rows, d_model] (big6 and big18: 32,768 rows of 1024; base6: 65,536 of 512), float32 stream (or
+`--stream_dtype`'s), bf16 branch, the paper's dropout 0.1. Each tiling is timed forward only and forward + backward (both
 gradients' cotangents given, as the model gives them), and printed as one JSON line with the
 bandwidth its traffic implies; the last line names the fastest forward + backward.
 
@@ -31,6 +31,8 @@ TILINGS = ('4096,16,4,8', '4096,16,4,4', '4096,16,8,8', '4096,8,4,8', '4096,32,4
 _TILINGS = flags.DEFINE_multi_string('tiling', list(TILINGS), ','.join(_FIELDS) + '; repeat the flag for several.')
 _ROWS = flags.DEFINE_integer('rows', 32768, 'Tokens per call (rows of the residual stream).')
 _D_MODEL = flags.DEFINE_integer('d_model', 1024, 'Width of the residual stream.')
+_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16'],
+                                   'dtype of the residual stream x and its gradient (model.stream_dtype).')
 _CALLS = flags.DEFINE_integer('calls', 20, 'Calls per timed sample (five samples, the median reported).')
 
 
@@ -38,12 +40,13 @@ def main(argv):
   del argv
   rows, d = _ROWS.value, _D_MODEL.value
   rng = np.random.default_rng(0)
-  x, grad = (jnp.asarray(rng.normal(size=(rows, d)), jnp.float32) for _ in range(2))
+  x, grad = (jnp.asarray(rng.normal(size=(rows, d)), _STREAM_DTYPE.value) for _ in range(2))
   branch, grad_copy = (jnp.asarray(rng.normal(size=(rows, d)), jnp.bfloat16) for _ in range(2))
   vectors = [jnp.asarray(rng.uniform(0.5, 1.5, d), jnp.float32) for _ in range(4)]  # branch bias, omega, gain, bias
   seed = jnp.int32(1)
-  stream, half = rows * d * 4, rows * d * 2  # bytes of a float32 and of a bf16 [rows, d] array
-  forward_bytes, backward_bytes = 2 * stream + 2 * half, 3 * stream + 3 * half  # reads and writes of each kernel
+  stream, half = x.nbytes, branch.nbytes  # bytes of the stream's and of a bf16 [rows, d] array
+  copy = half if x.dtype != branch.dtype else 0  # the forward kernel's bf16 copy of its output, where separate
+  forward_bytes, backward_bytes = 2 * stream + half + copy, 3 * stream + 3 * half  # reads and writes of each kernel
   timed_ms = functools.partial(sweeps.timed_ms, calls=_CALLS.value)
   per_call = {}
   for tiling in (sweeps.tiling(entry, _FIELDS) for entry in _TILINGS.value):
