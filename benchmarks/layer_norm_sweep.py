@@ -2,9 +2,9 @@
 
 One call is one sublayer's residual LayerNorm of a step: LN(omega * x + dropout(branch + bias)) over
 [rows, d_model] (big6 and big18: 32,768 rows of 1024; base6: 65,536 of 512), float32 stream (or
-`--stream_dtype`'s), bf16 branch, the paper's dropout 0.1. Each tiling is timed forward only and forward + backward (both
-gradients' cotangents given, as the model gives them), and printed as one JSON line with the
-bandwidth its traffic implies; the last line names the fastest forward + backward.
+`--stream_dtype`'s), bf16 branch, the paper's dropout 0.1. Each tiling is timed forward only and
+forward + backward (both gradients' cotangents given, as the model gives them), and printed as one
+JSON line with the bandwidth its traffic implies; the last line names the fastest forward + backward.
 
   python benchmarks/layer_norm_sweep.py                                 # on a GPU: every tiling below
   python benchmarks/layer_norm_sweep.py --rows=256 --tiling=4096,16,4,8  # anywhere: a quick check

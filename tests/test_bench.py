@@ -149,7 +149,7 @@ def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(tmp_path):
   """--stream_dtype=bfloat16 under float32 compute (the tiny preset) with XLA's LayerNorm: the GPU
   program holds the stream as bf16 [batch, length, d_model] arrays. XLA's GPU compiler, allowed
   excess precision, drops a rounding to bf16 and its reverse, and so kept none before the stream was
-  stored as rounded (`layers.in_stream_dtype`); a CPU program keeps them either way."""
+  stored as rounded (`layers.stream_and_copy`); a CPU program keeps them either way."""
   env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
   env.pop('JAX_PLATFORMS')
   result = _compile_for_h100(env, '--stream_dtype=bfloat16', f'--trace_dir={tmp_path}')

@@ -209,11 +209,12 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
   eps), computed in float32 and returned in x's dtype, and the same rounded to the branch's dtype
   (the same array where the dtypes are the same).
 
-  x is [..., d] in the residual stream's dtype, branch any float dtype of the same shape, branch_bias [d] in its dtype,
-  shortcut a scalar or [d], scale and bias [d]; d must be a power of two (a Triton block). Rows are
-  padded to the block inside. Dropout (where `seed` is given and `drop_threshold` > 0, see
-  dropout.threshold) drops what `dropout.keep_mask(seed, shape, drop_threshold)` drops of the whole
-  array, of which x holds the rows `row_ids` ([...] int32; by default, all of them in order).
+  x is [..., d] in the residual stream's dtype, branch any float dtype of the same shape,
+  branch_bias [d] in its dtype, shortcut a scalar or [d], scale and bias [d]; d must be a power of
+  two (a Triton block). Rows are padded to the block inside. Dropout (where `seed` is given and
+  `drop_threshold` > 0, see dropout.threshold) drops what `dropout.keep_mask(seed, shape,
+  drop_threshold)` drops of the whole array, of which x holds the rows `row_ids` ([...] int32; by
+  default, all of them in order).
   block_elements (elements of a block of rows), backward_blocks (such blocks per backward program)
   and the warps of each kernel are the Triton launch's tiling (benchmarks/layer_norm_sweep.py times
   them).

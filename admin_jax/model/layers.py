@@ -125,10 +125,10 @@ def _xla_residual_layer_norm(x, branch, shortcut, scale, bias):
 def _residual_layer_norm_forward(x, branch, shortcut, scale, bias):
   normalized, mean, rstd = _normalize(shortcut * x.astype(jnp.float32) + branch.astype(jnp.float32))
   y = normalized * scale + bias
-  return _stream_and_copy(y, x.dtype, branch.dtype), (x, as_stored(branch), shortcut, scale, mean, rstd)
+  return stream_and_copy(y, x.dtype, branch.dtype), (x, as_stored(branch), shortcut, scale, mean, rstd)
 
 
-def in_stream_dtype(a: jax.Array, stream_dtype: jnp.dtype) -> jax.Array:
+def _in_stream_dtype(a: jax.Array, stream_dtype: jnp.dtype) -> jax.Array:
   """`a` rounded to the stream's dtype, and stored so where that is narrower than float32: XLA,
   allowed excess precision, would otherwise drop the rounding and its reverse in the next sublayer
   and keep the stream (or its gradient) in float32 after all."""
@@ -136,8 +136,10 @@ def in_stream_dtype(a: jax.Array, stream_dtype: jnp.dtype) -> jax.Array:
   return as_stored(rounded) if rounded.dtype.itemsize < 4 else rounded
 
 
-def _stream_and_copy(y: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  value = in_stream_dtype(y, stream_dtype)
+def stream_and_copy(y: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """y as the residual stream holds it, and its copy in the compute dtype (the same array where the
+  dtypes are the same)."""
+  value = _in_stream_dtype(y, stream_dtype)
   return value, value if stream_dtype == compute_dtype else y.astype(compute_dtype)
 
 
@@ -152,7 +154,7 @@ def _residual_layer_norm_backward(saved, grads):
   d_sum = rstd * (d_normalized - d_normalized.mean(-1, keepdims=True)
                   - normalized * (d_normalized * normalized).mean(-1, keepdims=True))
   d_shortcut = (d_sum * x32).sum(token_axes if shortcut.ndim else None).reshape(shortcut.shape)
-  return in_stream_dtype(d_sum * shortcut, x.dtype), d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
+  return _in_stream_dtype(d_sum * shortcut, x.dtype), d_sum.astype(branch.dtype), d_shortcut, d_scale, d_bias
 
 
 _xla_residual_layer_norm.defvjp(_residual_layer_norm_forward, _residual_layer_norm_backward)

@@ -62,8 +62,7 @@ class Stream(NamedTuple):
   @classmethod
   def of(cls, x: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> 'Stream':
     """The stream starting from x (embeddings, or a Pre-LN sum), copy made by a cast."""
-    value = layers.in_stream_dtype(x, stream_dtype)
-    return cls(value, value if value.dtype == compute_dtype else x.astype(compute_dtype))
+    return cls(*layers.stream_and_copy(x, stream_dtype, compute_dtype))
 
 
 class Profile(NamedTuple):
