@@ -75,7 +75,7 @@ _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'f
                                     'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
 _LAYER_NORM_IMPL = flags.DEFINE_enum('layer_norm_impl', 'xla', ['xla', 'pallas'],
                                      'The residual LayerNorm: XLA fusions or one Pallas kernel each way.')
-_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16'],
                                    'dtype of the residual stream between sublayers (model.stream_dtype).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')

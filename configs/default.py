@@ -23,9 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.activation_dropout = 0.1  # after the ReLU of the FFN
   model.share_embeddings = True
   model.dtype = 'bfloat16'  # compute dtype (and logits, as fairseq fp16); params, softmax, LayerNorm, omega, loss: f32
-  # The residual stream x_k between sublayers (LayerNorm outputs and the shortcut): float32 | bfloat16 |
-  # float16. float32 is what autocast keeps; the compute dtype, as fairseq's fp16 recipes keep it,
-  # halves the bytes every residual LayerNorm moves (docs/PERF.md). Statistics stay float32 either way.
+  # The residual stream x_k between sublayers (LayerNorm outputs and the shortcut) and its gradient:
+  # float32 | bfloat16. float32 is what autocast keeps; bfloat16, as fairseq's fp16 recipes keep it in
+  # fp16, halves the bytes every residual LayerNorm moves (docs/PERF.md). Statistics stay float32.
   model.stream_dtype = 'float32'
   # Unrolled layers trained base6 at 1.38x the tokens/s of one lax.scan per stack on an H200
   # (docs/PERF.md) and use less memory; a scan compiles in about half the time, flat in depth.

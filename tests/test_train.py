@@ -228,6 +228,7 @@ def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize('override, message', [
     ('--config.model.residual=postln', "model.residual='postln' is not one of"),
+    ('--config.model.stream_dtype=float16', "model.stream_dtype='float16' is not one of"),
     ('--config.model.d_model=abc', 'd_model'),
 ])
 def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
