@@ -215,6 +215,25 @@ def test_stream_dtype_is_what_every_sublayer_outputs(layer_norm_impl, np_rng):
   np.testing.assert_allclose(logits['bfloat16'], logits['float32'], atol=0.05 * np.abs(logits['float32']).max())
 
 
+def test_a_scanned_bfloat16_stream_carries_and_saves_one_array(np_rng):
+  """Where the stream's dtype is the compute dtype, x_k and its copy are one array, and one pytree
+  leaf (`residual.Stream`): a scan carries it once and saves it once per layer for the backward pass,
+  one [layers, batch, length, d_model] stack per stack fewer than the float32 stream's two dtypes."""
+  batch = packed_batch(np_rng, 2, 16, VOCAB, [[7, 9], [16]])
+  stacked = {}
+  for stream_dtype in ('float32', 'bfloat16'):
+    cfg = tiny('admin', dtype='bfloat16', stream_dtype=stream_dtype, num_encoder_layers=3, num_decoder_layers=3,
+               remat='dots', scan_layers=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
+    _, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(batch).astype(jnp.float32).sum(), params)
+    stacked[stream_dtype] = [r.dtype for r in jax.tree.leaves(vjp) if getattr(r, 'shape', ()) == (3, 2, 16, 16)]
+  assert set(stacked['bfloat16']) == {jnp.dtype(jnp.bfloat16)}
+  assert len(stacked['bfloat16']) == len(stacked['float32']) - 2
+  value = jnp.zeros((2, 16), jnp.bfloat16)
+  assert len(jax.tree.leaves(residual_lib.Stream(value, value))) == 1
+  assert len(jax.tree.leaves(residual_lib.Stream(value.astype(jnp.float32), value))) == 2
+
+
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_scan_equals_python_loop(remat, np_rng):
   batch = packed_batch(np_rng, 2, 8, VOCAB, [[3, 5], [8]])

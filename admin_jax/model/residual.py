@@ -50,19 +50,37 @@ def deepnorm_constants(num_encoder_layers: int, num_decoder_layers: int) -> Deep
       decoder_beta=(12 * m) ** -0.25)
 
 
-class Stream(NamedTuple):
+@jax.tree_util.register_pytree_node_class
+class Stream:
   """The residual stream between sublayers: x_k in the stream dtype (float32 by default), and its
   copy in the compute dtype, which the next Post-LN branch reads; where the two dtypes are the same
   the copy is the same array. The residual LayerNorm writes both in one pass and sums both
   gradients in its backward pass (`layers.residual_layer_norm`), so neither the cast nor the
-  gradient sum costs a pass of its own over the stream."""
-  value: jax.Array
-  compute: jax.Array
+  gradient sum costs a pass of its own over the stream.
+
+  As a pytree it holds one leaf where the copy is the value: a scanned stack then carries, and
+  saves for its backward pass, one array per layer instead of two equal ones."""
+
+  def __init__(self, value: jax.Array, compute: jax.Array):
+    self.value = value
+    self.compute = compute
 
   @classmethod
   def of(cls, x: jax.Array, stream_dtype: jnp.dtype, compute_dtype: jnp.dtype) -> 'Stream':
     """The stream starting from x (embeddings, or a Pre-LN sum), copy made by a cast."""
     return cls(*layers.stream_and_copy(x, stream_dtype, compute_dtype))
+
+  def _shared(self) -> bool:
+    dtype = getattr(self.value, 'dtype', None)
+    return self.value is self.compute or (dtype is not None and dtype == getattr(self.compute, 'dtype', None))
+
+  def tree_flatten(self) -> tuple[tuple[jax.Array, ...], bool]:
+    shared = self._shared()
+    return ((self.value,) if shared else (self.value, self.compute)), shared
+
+  @classmethod
+  def tree_unflatten(cls, shared: bool, leaves) -> 'Stream':
+    return cls(leaves[0], leaves[0]) if shared else cls(*leaves)
 
 
 class Profile(NamedTuple):
