@@ -296,12 +296,13 @@ class Transformer(nnx.Module):
 
   def encode(self, inputs: jax.Array, segments: jax.Array, positions: jax.Array, *,
              rng: jax.Array | None = None) -> jax.Array:
-    """Encoder output [batch, src_len, d_model], float32."""
-    return self._encode(inputs, segments, positions, rng, None)[0].value.astype(jnp.float32)
+    """Encoder output [batch, src_len, d_model] as the decoder reads it: the stream's copy in the
+    compute dtype."""
+    return self._encode(inputs, segments, positions, rng, None)[0].compute
 
   def decode(self, targets_in: jax.Array, segments: jax.Array, positions: jax.Array, memory: jax.Array,
              memory_segments: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-    """Logits [batch, tgt_len, vocab] (float32) for teacher-forced decoder inputs."""
+    """Logits [batch, tgt_len, vocab] (compute dtype) for teacher-forced decoder inputs."""
     return self._logits(self._decode(targets_in, segments, positions, memory.astype(self.cfg.compute_dtype),
                                      memory_segments, rng, None)[0])
 
@@ -354,12 +355,11 @@ class Transformer(nnx.Module):
             offsets: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Sublayer]]:
     """Deterministic teacher-forced logits and every sublayer's tensors: `trace_encoder` for both
     stacks, with offsets {'encoder': [N, 2, ...], 'decoder': [M, 3, batch, tgt_len, d_model]}."""
-    memory, enc = self.trace_encoder(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'],
-                                     offsets['encoder'])
+    memory, _, enc = self._encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'], None,
+                                  None, offsets['encoder'])
     targets_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
-    x, _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'],
-                             memory.astype(self.cfg.compute_dtype), batch['inputs_segmentation'], None, None,
-                             offsets['decoder'])
+    x, _, dec = self._decode(targets_in, batch['targets_segmentation'], batch['targets_position'], memory.compute,
+                             batch['inputs_segmentation'], None, None, offsets['decoder'])
     return self._logits(x), {'encoder': enc, 'decoder': dec}
 
   def set_omegas(self, encoder: Any, decoder: Any) -> None:
