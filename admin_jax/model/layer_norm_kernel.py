@@ -49,7 +49,6 @@ class _Config:
   backward_blocks: int  # blocks of block_rows rows per backward program
   eps: float
   drop_threshold: int  # of the branch's dropout; 0: none
-  separate_copy: bool  # whether the stream's dtype differs from the branch's, so that the copy is written
   forward_warps: int
   backward_warps: int
   interpret: bool
@@ -74,7 +73,7 @@ def _dropped_branch(cfg: _Config, branch: jax.Array, branch_bias: jax.Array, kee
 
 def _forward_kernel(x_ref, branch_ref, branch_bias_ref, rows_ref, key_ref, shortcut_ref, scale_ref, bias_ref, y_ref,
                     *outputs, cfg: _Config):
-  *copy_ref, mean_ref, rstd_ref = outputs  # the copy only where cfg.separate_copy
+  *copy_ref, mean_ref, rstd_ref = outputs  # the copy only where the stream's dtype is not the branch's
   keep = _keep(cfg, rows_ref, key_ref, slice(None), x_ref.shape[1])
   s = (shortcut_ref[...][None, :] * x_ref[...].astype(jnp.float32)
        + _dropped_branch(cfg, branch_ref[...], branch_bias_ref[...], keep))
@@ -149,7 +148,7 @@ def _forward(cfg: _Config, x, branch, branch_bias, row_ids, key, shortcut, scale
   rows, d = x.shape
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   block = cfg.block_rows
-  copies = [jax.ShapeDtypeStruct((rows, d), branch.dtype)] if cfg.separate_copy else []
+  copies = [jax.ShapeDtypeStruct((rows, d), branch.dtype)] if x.dtype != branch.dtype else []
   kernel = _call(functools.partial(_forward_kernel, cfg=cfg), cfg, rows // block,
                  in_specs=[_row_block(block, d), _row_block(block, d), _vector(d), _per_row(block), _KEY_SPEC,
                            _vector(d), _vector(d), _vector(d)],
@@ -234,8 +233,7 @@ def residual_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array,
   vector = jnp.broadcast_to(shortcut.astype(jnp.float32), (d,))
   operands = (pad(x), pad(branch), branch_bias.astype(branch.dtype), pad(row_ids[:, None])[:, 0],
               key, vector, scale.astype(jnp.float32), bias.astype(jnp.float32))
-  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold, x.dtype != branch.dtype,
-                             forward_warps, backward_warps)
+  config = functools.partial(_Config, block_rows, backward_blocks, eps, drop_threshold, forward_warps, backward_warps)
   if interpret is None:  # the platform compiled for decides, which need not be this machine's
     outputs = lax.platform_dependent(*operands, cuda=functools.partial(_layer_norm, config(interpret=False)),
                                      default=functools.partial(_layer_norm, config(interpret=True)))
