@@ -2,9 +2,10 @@
 
 Writes the mean parameters of DIR's last N checkpoints (the paper averages the last 10) as a
 workdir of its own, OUT (default DIR/averaged): config.json, spm.model and one checkpoint at the
-newest averaged step, which holds only {'params': ...} and, in its meta, the run's SentencePiece model. Translate or evaluate it like any run,
-`--workdir=DIR/averaged`; it cannot resume training (no optimizer state). To score an average
-without writing it, `--checkpoint=avg:N` in translate/evaluate computes the same mean in memory.
+newest averaged step, which holds only {'params': ...} and, in its meta, the run's SentencePiece
+model. Translate or evaluate it like any run, `--workdir=DIR/averaged`; it cannot resume training
+(no optimizer state). To score an average without writing it, `--checkpoint=avg:N` in
+translate/evaluate computes the same mean in memory.
 """
 
 from absl import flags

@@ -1,9 +1,7 @@
 """Shared fixtures: a tiny model config and packed batches built by hand."""
 
-import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -56,12 +54,3 @@ def shared_data_or_skip() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f'real corpora not present at {SHARED_DATA} (a fresh clone has no ../shared/data)')
   return SHARED_DATA
-
-
-@pytest.fixture(scope='session')
-def mesh_results():
-  """Profiling omegas, 5 train-step losses and parameter shardings on each mesh of 8 CPU devices."""
-  out = subprocess.run([python(), str(REPO / 'tests' / 'mesh_equivalence.py')], env=subprocess_env(devices=8),
-                       cwd=REPO / 'tests', capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)

@@ -1,6 +1,7 @@
 """Runs the profiling pass and 5 train steps of a tiny model on several meshes; prints JSON.
 
-Executed in a child process with 8 host CPU devices by test_profiling.py and test_train.py.
+Executed by test_meshes.py in child processes with 8 host CPU devices each: `mesh_equivalence.py
+INDEX COUNT` runs every COUNT-th run from the INDEX-th, so that the runs compile in parallel.
 Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh, and
 'PRNG_IMPL/MESH' the dropout keys of another PRNG, and 'layer_norm_pallas/MESH' the Pallas residual
 LayerNorm under a mesh.
@@ -43,8 +44,9 @@ def main() -> None:
   runs += [(f'{impl}/{"x".join(map(str, shape))}', shape, model_cfg, impl) for impl, shape in PRNG_RUNS]
   runs += [(f'layer_norm_pallas/{"x".join(map(str, shape))}', shape,
             dataclasses.replace(model_cfg, layer_norm_impl='pallas'), 'threefry2x32') for shape in LAYER_NORM_MESHES]
+  index, count = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 1 else (0, 1)
   results = {}
-  for name, shape, cfg, prng_impl in runs:
+  for name, shape, cfg, prng_impl in runs[index::count]:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices)
     tx, schedule = optim.make_optimizer(train)

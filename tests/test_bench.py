@@ -113,25 +113,41 @@ def assert_traffic_table_adds_up(record: dict, table: pathlib.Path) -> None:
 CUDA_PLUGIN_DIR = REPO / '.cuda-plugin'
 
 
-def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.Popen:
   command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--target=h100', '--scan_layers', *extra]
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(child: subprocess.Popen) -> subprocess.CompletedProcess:
+  stdout, stderr = child.communicate(timeout=300)
+  return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope='module')
+def h100_programs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]]:
+  """The tiny preset compiled for an H100 by two jobs at once (each compiles on one core): with the
+  Pallas kernels, and with a bf16 stream through XLA's LayerNorm; each job's result and trace folder."""
+  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
+  env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
+  options = {'pallas': ('--attention_impl=flash', '--layer_norm_impl=pallas'),
+             'bfloat16_stream': ('--stream_dtype=bfloat16',)}
+  traces = {name: tmp_path_factory.mktemp(name) for name in options}
+  children = {name: _compile_for_h100(env, *extra, f'--trace_dir={traces[name]}') for name, extra in options.items()}
+  return {name: (_finish(child), traces[name]) for name, child in children.items()}
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
-def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
+def test_compiles_for_a_gpu_this_machine_does_not_have(h100_programs):
   """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program (with the
   Pallas kernels compiled by Triton for it), no step run."""
-  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
-  env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
-  result = _compile_for_h100(env, '--attention_impl=flash', '--layer_norm_impl=pallas', f'--trace_dir={tmp_path}')
+  result, trace = h100_programs['pallas']
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads(result.stdout)
   assert record['device'] == deviceless.TARGETS['h100'].device_kind and record['compile_only']
   assert record['scan_layers'] and record['params'] == 232064
   assert 0 < record['compiled_temp_bytes'] < record['memory_needed_bytes'] < record['allocator_pool_bytes']
   assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
-  program = (tmp_path / 'hlo.txt').read_text()
+  program = (trace / 'hlo.txt').read_text()
   assert 'while(' in program  # the scanned layers
   # The Pallas kernels as Triton, not the interpreter that runs them on this CPU, in the scan bodies:
   # flash forward, dQ and dK/dV for the encoder's and the decoder's self-attention and the
@@ -140,24 +156,21 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(tmp_path):
                                 if 'custom_call_target="__gpu$xla.gpu.triton"' in line)
   assert kernels == {'flash_attention_forward': 3, 'flash_attention_dq': 3, 'flash_attention_dkv': 3,
                      'residual_layer_norm_forward': 5, 'residual_layer_norm_backward': 5}, kernels
-  assert_traffic_table_adds_up(record, tmp_path / 'traffic.csv')
+  assert_traffic_table_adds_up(record, trace / 'traffic.csv')
   assert {'gemm', 'custom-call:__gpu$xla.gpu.triton'} <= set(record['traffic_bytes_by_kind'])
 
 
-
 @pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
-def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(tmp_path):
+def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(h100_programs):
   """--stream_dtype=bfloat16 under float32 compute (the tiny preset) with XLA's LayerNorm: the GPU
   program holds the stream as bf16 [batch, length, d_model] arrays. XLA's GPU compiler, allowed
   excess precision, drops a rounding to bf16 and its reverse, and so kept none before the stream was
   stored as rounded (`layers.stream_and_copy`); a CPU program keeps them either way."""
-  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
-  env.pop('JAX_PLATFORMS')
-  result = _compile_for_h100(env, '--stream_dtype=bfloat16', f'--trace_dir={tmp_path}')
+  result, trace = h100_programs['bfloat16_stream']
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout)['stream_dtype'] == 'bfloat16'
   stream = f'bf16[{TINY.batch},{TINY.seq_len},{TINY.d_model}]'
-  assert (tmp_path / 'hlo.txt').read_text().count(stream) > 10
+  assert (trace / 'hlo.txt').read_text().count(stream) > 10
 
 
 def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
@@ -169,7 +182,7 @@ def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
 
 @pytest.mark.skipif(deviceless.plugin_installed(), reason='the CUDA PJRT plugin is installed in this environment')
 def test_target_without_the_cuda_plugin_is_one_line_error():
-  result = _compile_for_h100(subprocess_env())
+  result = _finish(_compile_for_h100(subprocess_env()))
   assert result.returncode == 2 and result.stdout == ''
   assert result.stderr.strip().splitlines() == [
       f'error: --target=h100 needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '

@@ -19,17 +19,20 @@ RUN = ['--config=configs/demo.py', '--config.model.d_model=32', '--config.model.
        '--config.eval.every_steps=0']
 
 
-def train(workdir, *extra, processes: int = 1) -> list[subprocess.CompletedProcess]:
-  devices = 8 // processes
+def start(workdir, *extra, processes: int = 1) -> list[subprocess.Popen]:
+  """The training job over 8 CPU devices in `processes` processes, started and not waited for."""
   command = [python(), '-m', 'admin_jax.train', f'--workdir={workdir}', *RUN, *extra]
-  if processes == 1:
-    return [subprocess.run(command, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True,
-                           timeout=600)]
-  address = f'localhost:{portpicker.pick_unused_port()}'
-  children = [subprocess.Popen([*command, f'--coordinator_address={address}', f'--num_processes={processes}',
-                                f'--process_id={i}'], cwd=REPO, env=subprocess_env(devices),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for i in range(processes)]
+  if processes > 1:
+    address = f'localhost:{portpicker.pick_unused_port()}'
+    commands = [[*command, f'--coordinator_address={address}', f'--num_processes={processes}', f'--process_id={i}']
+                for i in range(processes)]
+  else:
+    commands = [command]
+  return [subprocess.Popen(c, cwd=REPO, env=subprocess_env(8 // processes), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for c in commands]
+
+
+def finish(children: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
   results = []
   for child in children:
     stdout, stderr = child.communicate(timeout=600)
@@ -48,7 +51,7 @@ def last_per_step(workdir, key) -> dict[int, float]:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   one, two = tmp_path_factory.mktemp('one_process'), tmp_path_factory.mktemp('two_processes')
-  for result in train(one) + train(two, processes=2):
+  for result in finish(start(one) + start(two, processes=2)):  # in parallel: compiling is single-threaded
     assert result.returncode == 0, result.stderr[-3000:]
   return one, two
 
@@ -69,7 +72,7 @@ def test_uneven_evaluation_across_processes_gives_the_same_bleu(runs):
 
 def test_two_process_checkpoint_resumes_in_one_process(runs):
   _, two = runs
-  result = train(two, '--config.train.num_steps=8')[0]
+  result, = finish(start(two, '--config.train.num_steps=8'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stdout and f'{two}/checkpoints/6' in result.stdout
   assert sorted(last_per_step(two, 'loss')) == list(range(1, 9))

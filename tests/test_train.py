@@ -26,24 +26,6 @@ from conftest import python
 from conftest import subprocess_env
 
 
-@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x2x4'])
-def test_meshes_give_single_device_losses(mesh_results, mesh):
-  np.testing.assert_allclose(mesh_results[mesh]['losses'], mesh_results['1x1x1']['losses'], rtol=1e-5)
-
-
-def test_parameters_sharded_as_the_rules_say(mesh_results):
-  specs = {k.replace("['", '').replace("']", '').replace('/.value', ''): v
-           for k, v in mesh_results['2x2x2']['specs'].items()}
-  assert specs['encoder/layers/ffn/fc1'] == "P(None, 'fsdp', 'tensor')"  # layers, embed, mlp
-  assert specs['encoder/layers/ffn/fc2'] == "P(None, 'tensor', 'fsdp')"
-  assert specs['decoder/layers/self_attention/qkv'] == "P(None, 'fsdp', None, 'tensor', None)"
-  assert specs['decoder/layers/cross_attention/out'] == "P(None, 'tensor', None, 'fsdp')"
-  assert specs['embedding/table'] == "P('tensor', 'fsdp')"  # vocab, embed
-  assert specs['encoder/layers/ffn_residual/omega'] == 'P(None, None)'  # small: replicated
-  tensor_only = mesh_results['1x1x8']['specs']
-  assert all('fsdp' not in spec for spec in tensor_only.values())
-
-
 def test_logical_rules_skip_used_and_indivisible_axes():
   mesh = {'data': 2, 'fsdp': 2, 'tensor': 2}
   assert sharding.logical_to_spec(('batch', 'length', 'embed'), (8, 4, 16), mesh) == jax.P(('data', 'fsdp'), None,
@@ -94,12 +76,11 @@ def test_chunked_loss_equals_the_whole_batch_loss(np_rng):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('dropout', [0.0, 0.1])
-def test_rbg_dropout_keys_train_like_threefry(dropout, np_rng):
-  """train.prng_impl changes the dropout masks and nothing else: with dropout off, the same step."""
+def test_rbg_dropout_keys_train_like_threefry(np_rng):
+  """train.prng_impl changes the dropout masks and nothing else: with dropout off, the same step.
+  (With dropout on, test_meshes.py checks that rbg's masks differ and are the same on every mesh.)"""
   cfg = TransformerConfig(vocab_size=40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
-                          ffn_dim=32, num_heads=2, dropout=dropout, attention_dropout=dropout,
-                          activation_dropout=dropout)
+                          ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 10, 40, [[3, 7], [10]]).items()}
   train = train_config(optimizer='adam')
@@ -108,14 +89,8 @@ def test_rbg_dropout_keys_train_like_threefry(dropout, np_rng):
   for impl in ('threefry2x32', 'rbg'):
     setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0, prng_impl=impl)
     assert state.rng.shape == jax.random.key_data(jax.random.key(0, impl=impl)).shape
-    step = jax.jit(train_step_lib.make_train_step(setup, train))
-    runs = [float(step(state, batch)[1]['loss']) for _ in range(2)]
-    assert runs[0] == runs[1] and math.isfinite(runs[0])  # deterministic per key
-    losses_by_impl[impl] = runs[0]
-  if dropout:
-    assert losses_by_impl['rbg'] != losses_by_impl['threefry2x32']
-  else:
-    assert losses_by_impl['rbg'] == losses_by_impl['threefry2x32']
+    losses_by_impl[impl] = float(jax.jit(train_step_lib.make_train_step(setup, train))(state, batch)[1]['loss'])
+  assert losses_by_impl['rbg'] == losses_by_impl['threefry2x32'] and math.isfinite(losses_by_impl['rbg'])
 
 
 def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp_path):
@@ -262,30 +237,3 @@ def test_configs_encode_the_recipes(name, arg, layers, residual):
   if name.startswith(('wmt', 'iwslt')):
     assert config.train.optimizer == 'radam' and config.train.warmup_init_lr == 1e-7
     assert config.train.label_smoothing == 0.1 and config.train.clip_norm == 0.0
-
-
-def test_dropout_masks_are_the_same_on_every_mesh_with_rbg_keys(mesh_results):
-  """The masks hash each element's global index from a scalar seed, so keys from rbg too train
-  alike on one device and on a 2x2x2 mesh; other keys, other masks."""
-  one = mesh_results['rbg/1x1x1']['losses']
-  np.testing.assert_allclose(mesh_results['rbg/2x2x2']['losses'], one, rtol=1e-5)
-  assert one != mesh_results['1x1x1']['losses']
-
-
-def test_pallas_layer_norm_trains_under_a_mesh(mesh_results):
-  """The Pallas residual LayerNorm runs per shard of rows under shard_map, its parameter gradients
-  summed over the shards: the same omegas and losses as one device with XLA's LayerNorm."""
-  pallas, one = mesh_results['layer_norm_pallas/2x2x2'], mesh_results['1x1x1']
-  np.testing.assert_allclose(pallas['losses'], one['losses'], rtol=1e-5)
-  for stack, omegas in one['omegas'].items():
-    np.testing.assert_allclose(pallas['omegas'][stack], omegas, rtol=1e-5)
-
-
-def test_flash_attention_trains_under_a_mesh(mesh_results):
-  """The Pallas kernel runs per shard under shard_map: without attention dropout it gives the XLA
-  path's losses; with it, losses of the same model under other masks (the seed folds in the shard)."""
-  xla, flash = mesh_results['xla/0.0/2x2x2']['losses'], mesh_results['flash/0.0/2x2x2']['losses']
-  np.testing.assert_allclose(flash, xla, rtol=1e-5)
-  dropped = mesh_results['flash/0.1/2x2x2']['losses']
-  assert all(math.isfinite(x) for x in dropped) and dropped != xla
-  np.testing.assert_allclose(dropped, mesh_results['2x2x2']['losses'], rtol=0.05)

@@ -1,0 +1,83 @@
+"""One tiny model profiled and trained on meshes of 8 CPU devices (data x fsdp x tensor): the same
+omegas and losses as on one device, parameters sharded as the rules say, and the Pallas kernels and
+the rbg dropout keys under a mesh. The runs are in mesh_equivalence.py, executed in child processes."""
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from conftest import python
+from conftest import subprocess_env
+
+PARALLEL_CHILDREN = 2  # the runs compile single-threaded: two children keep two cores busy
+
+
+@pytest.fixture(scope='module')
+def mesh_results():
+  """Profiling omegas, 5 train-step losses and parameter shardings of each run, by run name."""
+  children = [subprocess.Popen([python(), str(REPO / 'tests' / 'mesh_equivalence.py'), str(i), str(PARALLEL_CHILDREN)],
+                               env=subprocess_env(devices=8), cwd=REPO / 'tests', stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+              for i in range(PARALLEL_CHILDREN)]
+  results = {}
+  for child in children:
+    stdout, stderr = child.communicate(timeout=900)
+    assert child.returncode == 0, stderr[-3000:]
+    results.update(json.loads(stdout))
+  return results
+
+
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x2x2', '1x1x8'])
+def test_meshes_give_single_device_omegas(mesh_results, mesh):
+  for stack in ('encoder', 'decoder'):
+    np.testing.assert_allclose(mesh_results[mesh]['omegas'][stack], mesh_results['1x1x1']['omegas'][stack],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x2x4'])
+def test_meshes_give_single_device_losses(mesh_results, mesh):
+  np.testing.assert_allclose(mesh_results[mesh]['losses'], mesh_results['1x1x1']['losses'], rtol=1e-5)
+
+
+def test_parameters_sharded_as_the_rules_say(mesh_results):
+  specs = {k.replace("['", '').replace("']", '').replace('/.value', ''): v
+           for k, v in mesh_results['2x2x2']['specs'].items()}
+  assert specs['encoder/layers/ffn/fc1'] == "P(None, 'fsdp', 'tensor')"  # layers, embed, mlp
+  assert specs['encoder/layers/ffn/fc2'] == "P(None, 'tensor', 'fsdp')"
+  assert specs['decoder/layers/self_attention/qkv'] == "P(None, 'fsdp', None, 'tensor', None)"
+  assert specs['decoder/layers/cross_attention/out'] == "P(None, 'tensor', None, 'fsdp')"
+  assert specs['embedding/table'] == "P('tensor', 'fsdp')"  # vocab, embed
+  assert specs['encoder/layers/ffn_residual/omega'] == 'P(None, None)'  # small: replicated
+  tensor_only = mesh_results['1x1x8']['specs']
+  assert all('fsdp' not in spec for spec in tensor_only.values())
+
+
+def test_dropout_masks_are_the_same_on_every_mesh_with_rbg_keys(mesh_results):
+  """The masks hash each element's global index from a scalar seed, so keys from rbg too train
+  alike on one device and on a 2x2x2 mesh; other keys, other masks."""
+  one = mesh_results['rbg/1x1x1']['losses']
+  np.testing.assert_allclose(mesh_results['rbg/2x2x2']['losses'], one, rtol=1e-5)
+  assert one != mesh_results['1x1x1']['losses']
+
+
+def test_pallas_layer_norm_trains_under_a_mesh(mesh_results):
+  """The Pallas residual LayerNorm runs per shard of rows under shard_map, its parameter gradients
+  summed over the shards: the same omegas and losses as one device with XLA's LayerNorm."""
+  pallas, one = mesh_results['layer_norm_pallas/2x2x2'], mesh_results['1x1x1']
+  np.testing.assert_allclose(pallas['losses'], one['losses'], rtol=1e-5)
+  for stack, omegas in one['omegas'].items():
+    np.testing.assert_allclose(pallas['omegas'][stack], omegas, rtol=1e-5)
+
+
+def test_flash_attention_trains_under_a_mesh(mesh_results):
+  """The Pallas kernel runs per shard under shard_map: without attention dropout it gives the XLA
+  path's losses; with it, losses of the same model under other masks (the seed folds in the shard)."""
+  xla, flash = mesh_results['xla/0.0/2x2x2']['losses'], mesh_results['flash/0.0/2x2x2']['losses']
+  np.testing.assert_allclose(flash, xla, rtol=1e-5)
+  dropped = mesh_results['flash/0.1/2x2x2']['losses']
+  assert all(math.isfinite(x) for x in dropped) and dropped != xla
+  np.testing.assert_allclose(dropped, mesh_results['2x2x2']['losses'], rtol=0.05)
