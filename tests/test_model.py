@@ -262,7 +262,8 @@ def test_remat_dots_saves_the_flash_kernels_outputs(np_rng):
     compiled = grad.lower(params).compile()
     grads.append(compiled(params))
     forward_kernels.append(compiled.as_text().count('flash_attention_forward'))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+  # float32, summed in another order where the recomputed forward pass is fused differently:
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6), *grads)
   assert forward_kernels[1] == forward_kernels[0] > 0
 
 
