@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -31,6 +32,13 @@ def subprocess_env(devices: int | None = None) -> dict[str, str]:
 
 def python() -> str:
   return sys.executable
+
+
+def finish(child: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+  """Waits for a child started with piped text output; tests start several before waiting for any,
+  since XLA compiles each program on one core."""
+  stdout, stderr = child.communicate(timeout=timeout)
+  return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
 def packed_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,

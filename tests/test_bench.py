@@ -24,6 +24,7 @@ from admin_jax.errors import UserError
 from admin_jax.model import Transformer
 from configs import default
 from conftest import REPO
+from conftest import finish
 from conftest import python
 from conftest import subprocess_env
 
@@ -118,11 +119,6 @@ def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.Popen:
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(child: subprocess.Popen) -> subprocess.CompletedProcess:
-  stdout, stderr = child.communicate(timeout=300)
-  return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
-
-
 @pytest.fixture(scope='module')
 def h100_programs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]]:
   """The tiny preset compiled for an H100 by two jobs at once (each compiles on one core): with the
@@ -133,7 +129,7 @@ def h100_programs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
              'bfloat16_stream': ('--stream_dtype=bfloat16',)}
   traces = {name: tmp_path_factory.mktemp(name) for name in options}
   children = {name: _compile_for_h100(env, *extra, f'--trace_dir={traces[name]}') for name, extra in options.items()}
-  return {name: (_finish(child), traces[name]) for name, child in children.items()}
+  return {name: (finish(child), traces[name]) for name, child in children.items()}
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
@@ -182,7 +178,7 @@ def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
 
 @pytest.mark.skipif(deviceless.plugin_installed(), reason='the CUDA PJRT plugin is installed in this environment')
 def test_target_without_the_cuda_plugin_is_one_line_error():
-  result = _finish(_compile_for_h100(subprocess_env()))
+  result = finish(_compile_for_h100(subprocess_env()))
   assert result.returncode == 2 and result.stdout == ''
   assert result.stderr.strip().splitlines() == [
       f'error: --target=h100 needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import finish
 from conftest import python
 from conftest import subprocess_env
 
@@ -25,9 +26,9 @@ def mesh_results():
               for i in range(PARALLEL_CHILDREN)]
   results = {}
   for child in children:
-    stdout, stderr = child.communicate(timeout=900)
-    assert child.returncode == 0, stderr[-3000:]
-    results.update(json.loads(stdout))
+    run = finish(child, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results.update(json.loads(run.stdout))
   return results
 
 

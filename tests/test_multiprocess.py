@@ -7,6 +7,7 @@ import portpicker
 import pytest
 
 from conftest import REPO
+from conftest import finish
 from conftest import python
 from conftest import subprocess_env
 
@@ -32,14 +33,6 @@ def start(workdir, *extra, processes: int = 1) -> list[subprocess.Popen]:
                            stderr=subprocess.PIPE, text=True) for c in commands]
 
 
-def finish(children: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
-  results = []
-  for child in children:
-    stdout, stderr = child.communicate(timeout=600)
-    results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
-  return results
-
-
 def records(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
@@ -51,7 +44,7 @@ def last_per_step(workdir, key) -> dict[int, float]:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   one, two = tmp_path_factory.mktemp('one_process'), tmp_path_factory.mktemp('two_processes')
-  for result in finish(start(one) + start(two, processes=2)):  # in parallel: compiling is single-threaded
+  for result in [finish(child) for child in start(one) + start(two, processes=2)]:  # all three at once
     assert result.returncode == 0, result.stderr[-3000:]
   return one, two
 
@@ -72,7 +65,7 @@ def test_uneven_evaluation_across_processes_gives_the_same_bleu(runs):
 
 def test_two_process_checkpoint_resumes_in_one_process(runs):
   _, two = runs
-  result, = finish(start(two, '--config.train.num_steps=8'))
+  result = finish(*start(two, '--config.train.num_steps=8'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stdout and f'{two}/checkpoints/6' in result.stdout
   assert sorted(last_per_step(two, 'loss')) == list(range(1, 9))
