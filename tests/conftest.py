@@ -34,9 +34,14 @@ def python() -> str:
   return sys.executable
 
 
-def finish(child: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
-  """Waits for a child started with piped text output; tests start several before waiting for any,
+def spawn(command: list[str], env: dict[str, str], cwd: pathlib.Path = REPO) -> subprocess.Popen:
+  """Starts a job without waiting for it: tests start several before waiting for any (`finish`),
   since XLA compiles each program on one core."""
+  return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(child: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+  """Waits for a job from `spawn`: its exit status and text output, as subprocess.run returns them."""
   stdout, stderr = child.communicate(timeout=timeout)
   return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 

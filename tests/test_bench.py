@@ -26,6 +26,7 @@ from configs import default
 from conftest import REPO
 from conftest import finish
 from conftest import python
+from conftest import spawn
 from conftest import subprocess_env
 
 TINY = bench.PRESETS['tiny']
@@ -116,7 +117,7 @@ CUDA_PLUGIN_DIR = REPO / '.cuda-plugin'
 
 def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.Popen:
   command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--target=h100', '--scan_layers', *extra]
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return spawn(command, env)
 
 
 @pytest.fixture(scope='module')

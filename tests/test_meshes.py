@@ -4,7 +4,6 @@ the rbg dropout keys under a mesh. The runs are in mesh_equivalence.py, executed
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from conftest import REPO
 from conftest import finish
 from conftest import python
+from conftest import spawn
 from conftest import subprocess_env
 
 PARALLEL_CHILDREN = 2  # the runs compile single-threaded: two children keep two cores busy
@@ -20,9 +20,8 @@ PARALLEL_CHILDREN = 2  # the runs compile single-threaded: two children keep two
 @pytest.fixture(scope='module')
 def mesh_results():
   """Profiling omegas, 5 train-step losses and parameter shardings of each run, by run name."""
-  children = [subprocess.Popen([python(), str(REPO / 'tests' / 'mesh_equivalence.py'), str(i), str(PARALLEL_CHILDREN)],
-                               env=subprocess_env(devices=8), cwd=REPO / 'tests', stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+  children = [spawn([python(), str(REPO / 'tests' / 'mesh_equivalence.py'), str(i), str(PARALLEL_CHILDREN)],
+                     subprocess_env(devices=8), cwd=REPO / 'tests')
               for i in range(PARALLEL_CHILDREN)]
   results = {}
   for child in children:

@@ -6,9 +6,9 @@ import subprocess
 import portpicker
 import pytest
 
-from conftest import REPO
 from conftest import finish
 from conftest import python
+from conftest import spawn
 from conftest import subprocess_env
 
 RUN = ['--config=configs/demo.py', '--config.model.d_model=32', '--config.model.ffn_dim=64',
@@ -29,8 +29,7 @@ def start(workdir, *extra, processes: int = 1) -> list[subprocess.Popen]:
                 for i in range(processes)]
   else:
     commands = [command]
-  return [subprocess.Popen(c, cwd=REPO, env=subprocess_env(8 // processes), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for c in commands]
+  return [spawn(c, subprocess_env(8 // processes)) for c in commands]
 
 
 def records(workdir) -> list[dict]:
