@@ -15,6 +15,7 @@ seconds exclude autotuning) and running (so there is no step time).
 """
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 
@@ -23,6 +24,7 @@ import jax
 from admin_jax.errors import UserError
 
 PLUGIN_MODULE = 'jax_plugins.xla_cuda12'
+PLUGIN_DISTRIBUTION = 'jax-cuda12-pjrt'  # the wheel that installs PLUGIN_MODULE
 DEFAULT_POOL_FRACTION = 0.75  # of device memory that JAX's GPU allocator takes unless told otherwise
 
 
@@ -84,6 +86,14 @@ def plugin_installed() -> bool:
     return False
 
 
+def plugin_version() -> str | None:
+  """The installed plugin's release, or None where the plugin carries no package metadata."""
+  try:
+    return importlib.metadata.version(PLUGIN_DISTRIBUTION)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def pool_bytes(target: GpuTarget) -> int:
   """What JAX's allocator may use on the card: XLA_PYTHON_CLIENT_MEM_FRACTION of it (default 0.75)."""
   return int(target.memory_bytes * float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', DEFAULT_POOL_FRACTION)))
@@ -94,9 +104,14 @@ def compile_only_devices(name: str) -> list[jax.Device]:
 
   Call before anything else initialises JAX's backends: the CUDA plugin must not look for a GPU.
   """
+  wanted = importlib.metadata.version('jaxlib')
+  install = f'pip install jax-cuda12-plugin=={wanted}'
   if not plugin_installed():
-    raise UserError(f'--target={name} needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '
-                    f'pip install jax-cuda12-plugin=={jax.__version__}')
+    raise UserError(f'--target={name} needs the CUDA PJRT plugin of jax {wanted} (no GPU or CUDA): {install}')
+  found = plugin_version()
+  if found not in (None, wanted):  # jaxlib ignores a plugin of another release, and compiling then crashes
+    raise UserError(f'--target={name} needs the CUDA PJRT plugin of jaxlib {wanted}, not the installed {found}: '
+                    f'{install}')
   os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'  # there is no CUDA installation to check
   jax.config.update('jax_platforms', 'cpu')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top

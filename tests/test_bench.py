@@ -3,6 +3,7 @@
 import collections
 import csv
 import dataclasses
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -10,6 +11,7 @@ import re
 import subprocess
 from typing import Any, NamedTuple
 
+from absl import app
 from flax import nnx
 import jax
 import numpy as np
@@ -186,6 +188,18 @@ def test_target_without_the_cuda_plugin_is_one_line_error():
       f'pip install jax-cuda12-plugin=={jax.__version__}']
 
 
+def test_a_cuda_plugin_of_another_jaxlib_is_one_line_error(monkeypatch):
+  """jaxlib skips a plugin built for another release with a warning, and the deviceless compile
+  then crashed (SIGSEGV); the mismatch is named before JAX is touched."""
+  monkeypatch.setattr(deviceless, 'plugin_installed', lambda: True)
+  monkeypatch.setattr(deviceless, 'plugin_version', lambda: '0.0.1')
+  with pytest.raises(UserError) as error:
+    deviceless.compile_only_devices('h100')
+  wanted = importlib.metadata.version('jaxlib')
+  assert str(error.value) == (f'--target=h100 needs the CUDA PJRT plugin of jaxlib {wanted}, not the installed '
+                              f'0.0.1: pip install jax-cuda12-plugin=={wanted}')
+
+
 def test_a_step_xla_cannot_compile_is_one_line_error():
   """XLA refusing the program (out of memory on the target, a flag it cannot honour) is reported as
   one line naming the preset, which `cli.run` prints without a traceback."""
@@ -280,3 +294,32 @@ def test_fast_path_train_step_equals_plain_path(path, plain_setup, plain_steps):
   assert fast_loss == pytest.approx(plain_loss, rel=path.tolerance.loss)
   errors = _relative_errors(fast_state.params, plain_state.params, start.params)
   assert {k: e for k, e in errors.items() if e > path.tolerance.update} == {}
+
+
+def test_step_estimate_prices_each_part_of_a_plan_at_its_rate():
+  """benchmarks/step_estimate.py: matmul FLOPs at the GEMMs' rate (their bytes are in that rate),
+  flash kernels per layer, LayerNorm kernels' and XLA fusions' bytes at their own bandwidths."""
+  from benchmarks import step_estimate  # pylint: disable=g-import-not-at-top
+  triton = 'custom-call:__gpu$xla.gpu.triton'
+  rows = [{'kind': 'gemm', 'op_name': 'dot_general', 'bytes': '7000000000'},
+          {'kind': triton, 'op_name': 'jit(_forward)/flash_attention_forward/pallas_call', 'bytes': '5000000000'},
+          {'kind': triton, 'op_name': 'jit(_backward)/residual_layer_norm_backward/pallas_call', 'bytes': '3000000000'},
+          {'kind': 'fusion:kLoop', 'op_name': 'select_n', 'bytes': '2000000000'},
+          {'kind': 'copy', 'op_name': 'copy', 'bytes': '1000000000'}]
+  record = step_estimate.estimate('big18', rows, flash_ms_per_layer=2.5)
+  preset = bench.PRESETS['big18']
+  cfg = bench.model_config(preset)
+  # big18's matmuls by hand, per token forward: encoder QKV + out + FFN, decoder self QKV + out, cross q + kv +
+  # out, FFN; tied logits.
+  d, f = cfg.d_model, cfg.ffn_dim
+  per_token = 18 * (4 * d * d + 2 * d * f) + 18 * (4 * d * d + 4 * d * d + 2 * d * f) + d * cfg.vocab_size
+  matmul_flops = 3 * 2 * per_token * preset.batch * preset.seq_len
+  expected_ms = {'gemm': 1e3 * matmul_flops / step_estimate.GEMM_FLOPS_PER_S, 'flash': 18 * 2.5,
+                 'layer_norm': 1e3 * 3e9 / step_estimate.LAYER_NORM_BYTES_PER_S,
+                 'fusions': 1e3 * 3e9 / step_estimate.FUSION_BYTES_PER_S,
+                 'gaps': 1e3 * 18 * step_estimate.GAP_S_PER_LAYER}
+  assert record['parts_ms'] == pytest.approx(expected_ms, abs=0.05)
+  assert record['step_ms'] == pytest.approx(sum(expected_ms.values()), abs=0.05)
+  assert record['tokens_per_sec'] == pytest.approx(preset.batch * preset.seq_len / (record['step_ms'] / 1e3), rel=1e-3)
+  with pytest.raises(app.UsageError, match='no flash attention or Pallas LayerNorm'):
+    step_estimate.estimate('big18', rows[:1] + rows[3:], flash_ms_per_layer=2.5)
