@@ -26,20 +26,28 @@ PEAK_TFLOPS = {
 }
 
 
+def attention_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+  """FLOPs of one training step's attention scores and context, the part a fused attention kernel
+  does (the rest is the matmuls of `training_flops`)."""
+  d = cfg.d_model
+  encoder_layer = 2 * 2 * batch * src_len * src_len * d
+  decoder_layer = (2 * 2 * batch * tgt_len * tgt_len * d / 2  # causal
+                   + 2 * 2 * batch * tgt_len * src_len * d)  # cross
+  return 3.0 * (cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer)
+
+
 def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
   """FLOPs of one training step (forward + backward) on `batch` rows of the given lengths."""
   d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
   s, t = batch * src_len, batch * tgt_len  # tokens per side
   ffn = 2 * 2 * d * f
-  encoder_layer = s * (2 * d * 3 * d + 2 * d * d + ffn) + 2 * 2 * batch * src_len * src_len * d
+  encoder_layer = s * (2 * d * 3 * d + 2 * d * d + ffn)
   decoder_layer = (t * (2 * d * 3 * d + 2 * d * d)  # self-attention projections
-                   + 2 * 2 * batch * tgt_len * tgt_len * d / 2  # causal scores + context
                    + t * 2 * d * d + s * 2 * d * 2 * d + t * 2 * d * d  # cross q, kv (per source token), out
-                   + 2 * 2 * batch * tgt_len * src_len * d  # cross scores + context
                    + t * ffn)
   logits = t * 2 * d * v
-  forward = cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer + logits
-  return 3.0 * forward
+  projections = cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer + logits
+  return 3.0 * projections + attention_flops(cfg, batch, src_len, tgt_len)
 
 
 def datasheet_peak(device: jax.Device | None = None) -> tuple[str, float] | None:

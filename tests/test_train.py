@@ -168,6 +168,8 @@ def test_flop_count_matches_hand_count():
   logits = 5 * 2 * 10
   forward_macs = enc + dec_self + dec_cross + dec_ffn + logits
   assert flops.training_flops(cfg, batch=1, src_len=3, tgt_len=5) == pytest.approx(3 * 2 * forward_macs)
+  scores_and_context = 3 * 3 * 2 * 2 + 5 * 5 * 2 * 2 / 2 + 5 * 3 * 2 * 2
+  assert flops.attention_flops(cfg, batch=1, src_len=3, tgt_len=5) == pytest.approx(3 * 2 * scores_and_context)
 
 
 TINY_DEMO = ['--config.model.d_model=32', '--config.model.ffn_dim=64', '--config.model.num_encoder_layers=2',
