@@ -3,7 +3,7 @@
 `python -m admin_jax.bench --target=h200 --trace_dir=DIR` writes what XLA would run on the card and
 the bytes each op moves (DIR/traffic.csv), but no time: that needs the card. This prices each part
 of such a plan at the rate the same kind of work ran at in call D's trace of big6 on an H200
-(docs/PERF.md, "Priced by part"): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
+(docs/PERF.md, "Tenth session"): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
 sweep's time per layer, the Pallas LayerNorm kernels' and XLA's fusions' bytes at the bandwidths
 they reached, and the idle gaps between kernels per layer. Priced so, call D's own base6 and
 scanned big18 plans come within 0.5% and 4.1% of their measured steps. The rates hold for plans with
@@ -73,8 +73,12 @@ def estimate(preset_name: str, traffic_rows: list[dict[str, str]], flash_ms_per_
 def main(argv):
   if len(argv) != 3 or argv[1] not in _PRESETS:
     raise app.UsageError(f'expected PRESET TRAFFIC_CSV, the preset one of {", ".join(_PRESETS)}')
-  with open(argv[2], newline='') as f:
-    print(json.dumps(estimate(argv[1], list(csv.DictReader(f)), _FLASH_MS.value)))
+  try:
+    with open(argv[2], newline='') as f:
+      rows = list(csv.DictReader(f))
+  except OSError as error:
+    raise app.UsageError(f'{argv[2]}: {error.strerror}') from None
+  print(json.dumps(estimate(argv[1], rows, _FLASH_MS.value)))
 
 
 if __name__ == '__main__':
