@@ -28,7 +28,7 @@ PEAK_TFLOPS = {
 
 def attention_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
   """FLOPs of one training step's attention scores and context, the part a fused attention kernel
-  does (the rest is the matmuls of `training_flops`)."""
+  does (the rest is `projection_flops`)."""
   d = cfg.d_model
   encoder_layer = 2 * 2 * batch * src_len * src_len * d
   decoder_layer = (2 * 2 * batch * tgt_len * tgt_len * d / 2  # causal
@@ -36,8 +36,8 @@ def attention_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: i
   return 3.0 * (cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer)
 
 
-def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
-  """FLOPs of one training step (forward + backward) on `batch` rows of the given lengths."""
+def projection_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+  """FLOPs of one training step's matmuls with weights (projections, FFN, logits): what GEMMs do."""
   d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
   s, t = batch * src_len, batch * tgt_len  # tokens per side
   ffn = 2 * 2 * d * f
@@ -46,8 +46,12 @@ def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: in
                    + t * 2 * d * d + s * 2 * d * 2 * d + t * 2 * d * d  # cross q, kv (per source token), out
                    + t * ffn)
   logits = t * 2 * d * v
-  projections = cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer + logits
-  return 3.0 * projections + attention_flops(cfg, batch, src_len, tgt_len)
+  return 3.0 * (cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * decoder_layer + logits)
+
+
+def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+  """FLOPs of one training step (forward + backward) on `batch` rows of the given lengths."""
+  return projection_flops(cfg, batch, src_len, tgt_len) + attention_flops(cfg, batch, src_len, tgt_len)
 
 
 def datasheet_peak(device: jax.Device | None = None) -> tuple[str, float] | None:

@@ -54,10 +54,8 @@ def estimate(preset_name: str, traffic_rows: list[dict[str, str]], flash_ms_per_
                          'compiled with --attention_impl=flash --layer_norm_impl=pallas')
   preset = bench.PRESETS[preset_name]
   cfg = bench.model_config(preset)
-  matmul_flops = (flops.training_flops(cfg, preset.batch, preset.seq_len, preset.seq_len)
-                  - flops.attention_flops(cfg, preset.batch, preset.seq_len, preset.seq_len))
   seconds = {
-      'gemm': matmul_flops / GEMM_FLOPS_PER_S,
+      'gemm': flops.projection_flops(cfg, preset.batch, preset.seq_len, preset.seq_len) / GEMM_FLOPS_PER_S,
       'flash': preset.layers * flash_ms_per_layer * 1e-3,
       'layer_norm': bytes_by_part['layer_norm'] / LAYER_NORM_BYTES_PER_S,
       'fusions': bytes_by_part['fusions'] / FUSION_BYTES_PER_S,
