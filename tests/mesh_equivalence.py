@@ -2,9 +2,9 @@
 
 Executed by test_meshes.py in child processes with 8 host CPU devices each: `mesh_equivalence.py
 INDEX COUNT` runs every COUNT-th run from the INDEX-th, so that the runs compile in parallel.
-Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the attention implementations under a mesh, and
-'PRNG_IMPL/MESH' the dropout keys of another PRNG, and 'layer_norm_pallas/MESH' the Pallas residual
-LayerNorm under a mesh.
+Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the implementations under a mesh ('kernels': the
+Pallas flash attention and residual LayerNorm together, as GPUs train), and 'PRNG_IMPL/MESH' the
+dropout keys of another PRNG.
 """
 
 import dataclasses
@@ -22,10 +22,10 @@ from admin_jax import train_step as train_step_lib
 from admin_jax.model import TransformerConfig
 from conftest import packed_batch
 
-MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
-ATTENTION_RUNS = [('xla', 0.0, (2, 2, 2)), ('flash', 0.0, (2, 2, 2)), ('flash', 0.1, (2, 2, 2))]
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+IMPLEMENTATION_RUNS = [('xla', 0.0, (2, 2, 2)), ('kernels', 0.0, (2, 2, 2)), ('kernels', 0.1, (2, 2, 2))]
+KERNELS = {'xla': {}, 'kernels': {'attention_impl': 'flash', 'layer_norm_impl': 'pallas'}}
 PRNG_RUNS = [('rbg', (1, 1, 1)), ('rbg', (2, 2, 2))]
-LAYER_NORM_MESHES = [(2, 2, 2)]
 
 
 def main() -> None:
@@ -39,11 +39,9 @@ def main() -> None:
              for _ in range(5)]
   runs = [('x'.join(map(str, shape)), shape, model_cfg, 'threefry2x32') for shape in MESHES]
   runs += [(f'{impl}/{rate}/{"x".join(map(str, shape))}', shape,
-            dataclasses.replace(model_cfg, attention_impl=impl, attention_dropout=rate), 'threefry2x32')
-           for impl, rate, shape in ATTENTION_RUNS]
+            dataclasses.replace(model_cfg, attention_dropout=rate, **KERNELS[impl]), 'threefry2x32')
+           for impl, rate, shape in IMPLEMENTATION_RUNS]
   runs += [(f'{impl}/{"x".join(map(str, shape))}', shape, model_cfg, impl) for impl, shape in PRNG_RUNS]
-  runs += [(f'layer_norm_pallas/{"x".join(map(str, shape))}', shape,
-            dataclasses.replace(model_cfg, layer_norm_impl='pallas'), 'threefry2x32') for shape in LAYER_NORM_MESHES]
   index, count = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 1 else (0, 1)
   results = {}
   for name, shape, cfg, prng_impl in runs[index::count]:

@@ -31,14 +31,14 @@ def mesh_results():
   return results
 
 
-@pytest.mark.parametrize('mesh', ['8x1x1', '2x2x2', '1x1x8'])
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x1x8'])
 def test_meshes_give_single_device_omegas(mesh_results, mesh):
   for stack in ('encoder', 'decoder'):
     np.testing.assert_allclose(mesh_results[mesh]['omegas'][stack], mesh_results['1x1x1']['omegas'][stack],
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x2x4'])
+@pytest.mark.parametrize('mesh', ['8x1x1', '2x4x1', '2x2x2', '1x1x8'])
 def test_meshes_give_single_device_losses(mesh_results, mesh):
   np.testing.assert_allclose(mesh_results[mesh]['losses'], mesh_results['1x1x1']['losses'], rtol=1e-5)
 
@@ -64,20 +64,15 @@ def test_dropout_masks_are_the_same_on_every_mesh_with_rbg_keys(mesh_results):
   assert one != mesh_results['1x1x1']['losses']
 
 
-def test_pallas_layer_norm_trains_under_a_mesh(mesh_results):
-  """The Pallas residual LayerNorm runs per shard of rows under shard_map, its parameter gradients
-  summed over the shards: the same omegas and losses as one device with XLA's LayerNorm."""
-  pallas, one = mesh_results['layer_norm_pallas/2x2x2'], mesh_results['1x1x1']
-  np.testing.assert_allclose(pallas['losses'], one['losses'], rtol=1e-5)
-  for stack, omegas in one['omegas'].items():
-    np.testing.assert_allclose(pallas['omegas'][stack], omegas, rtol=1e-5)
-
-
-def test_flash_attention_trains_under_a_mesh(mesh_results):
-  """The Pallas kernel runs per shard under shard_map: without attention dropout it gives the XLA
-  path's losses; with it, losses of the same model under other masks (the seed folds in the shard)."""
-  xla, flash = mesh_results['xla/0.0/2x2x2']['losses'], mesh_results['flash/0.0/2x2x2']['losses']
-  np.testing.assert_allclose(flash, xla, rtol=1e-5)
-  dropped = mesh_results['flash/0.1/2x2x2']['losses']
-  assert all(math.isfinite(x) for x in dropped) and dropped != xla
+def test_pallas_kernels_train_under_a_mesh(mesh_results):
+  """The flash attention and residual LayerNorm kernels run per shard under shard_map, the LayerNorm's
+  parameter gradients summed over the shards. Without attention dropout they give the XLA path's
+  omegas and losses (the LayerNorm kernel applying the same hidden-dropout masks); with it, losses
+  of the same model under other attention masks (the seed folds in the shard)."""
+  xla, kernels = mesh_results['xla/0.0/2x2x2'], mesh_results['kernels/0.0/2x2x2']
+  np.testing.assert_allclose(kernels['losses'], xla['losses'], rtol=1e-5)
+  for stack, omegas in xla['omegas'].items():
+    np.testing.assert_allclose(kernels['omegas'][stack], omegas, rtol=1e-5)
+  dropped = mesh_results['kernels/0.1/2x2x2']['losses']
+  assert all(math.isfinite(x) for x in dropped) and dropped != xla['losses']
   np.testing.assert_allclose(dropped, mesh_results['2x2x2']['losses'], rtol=0.05)
