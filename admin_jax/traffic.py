@@ -198,14 +198,19 @@ class _Estimator:
       self.totals[key] += moved * repeats
       self.counts[key] += repeats
 
-  @staticmethod
-  def _kind(instruction: _Instruction) -> str:
+  def _kind(self, instruction: _Instruction) -> str:
     """What runs the op: 'gemm' (cuBLAS or a Triton GEMM fusion), 'fusion:kLoop'..., 'custom-call:TARGET',
-    or the opcode (copy, dynamic-update-slice, ...)."""
+    or the opcode (copy, dynamic-update-slice, ...). XLA's dynamic-slice fusion is a library call (a
+    cuBLAS GEMM reading or writing one layer of a scanned stack in place) and counts as that call."""
     attributes = instruction.attributes
     if instruction.opcode == 'fusion':
       if 'gemm_fusion' in attributes or '__cublas' in attributes or '"kind":"__triton_gemm"' in attributes:
         return 'gemm'
+      if '"name":"dynamic_slice_fusion"' in attributes:
+        fused = self.computations.get(next(iter(_called(attributes, 'calls')), ''), [])
+        call = next((i for i in fused if i.opcode == 'custom-call'), None)
+        if call:
+          return self._kind(call)
       kind = re.search(r'kind=(\w+)', attributes)
       return 'fusion:' + (kind.group(1) if kind else '?')
     if instruction.opcode == 'custom-call':

@@ -114,3 +114,33 @@ ENTRY %main (p0: f32[1024,256], p1: f32[1024,256]) -> f32[1024,256] {{
   ops = traffic.estimate(program)
   assert [op.kind for op in ops] == ['custom-call:__gpu$xla.gpu.triton']
   assert traffic.total_bytes(ops) == (2 if aliasing else 3) * MIB
+
+
+def test_a_gemm_reading_one_layer_of_a_stack_in_place_is_a_gemm_that_reads_the_layer():
+  """XLA's dynamic-slice fusion (cuBLAS reading one layer of a scanned stack where it lies, as the
+  GPU compiler of jax 0.11 plans a scanned backward pass) is a GEMM, and it reads the layer, not the
+  stack."""
+  program = '''HloModule stacked
+
+%dynamic-slice-fusion (p0: bf16[16,1024,256], p1: s32[], p2: bf16[256,1024]) -> (bf16[256,256], s8[64]) {
+  %p2 = bf16[256,1024]{1,0} parameter(2)
+  %p0 = bf16[16,1024,256]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %layer = bf16[1,1024,256]{2,1,0} dynamic-slice(%p0, %p1, %zero, %zero), dynamic_slice_sizes={1,1024,256}
+  %x = bf16[1024,256]{1,0} bitcast(%layer)
+  ROOT %gemm = (bf16[256,256]{1,0}, s8[64]{0}) custom-call(%p2, %x), custom_call_target="__cublas$lt$matmul"
+}
+
+ENTRY %main (stack: bf16[16,1024,256], i: s32[], w: bf16[256,1024]) -> (bf16[256,256], s8[64]) {
+  %stack = bf16[16,1024,256]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %w = bf16[256,1024]{1,0} parameter(2)
+  ROOT %f = (bf16[256,256]{1,0}, s8[64]{0}) fusion(%stack, %i, %w), kind=kCustom, calls=%dynamic-slice-fusion, \
+backend_config={"fusion_backend_config":{"kind":"__custom_fusion","custom_fusion_config":{"name":"dynamic_slice_fusion"}}}
+}
+'''
+  ops = traffic.estimate(program)
+  assert [op.kind for op in ops] == ['gemm']
+  layer, weight, product = 1024 * 256 * 2, 256 * 1024 * 2, 256 * 256 * 2
+  assert traffic.total_bytes(ops) == layer + 4 + weight + product + 64
