@@ -137,7 +137,8 @@ ENTRY %main (stack: bf16[16,1024,256], i: s32[], w: bf16[256,1024]) -> (bf16[256
   %i = s32[] parameter(1)
   %w = bf16[256,1024]{1,0} parameter(2)
   ROOT %f = (bf16[256,256]{1,0}, s8[64]{0}) fusion(%stack, %i, %w), kind=kCustom, calls=%dynamic-slice-fusion, \
-backend_config={"fusion_backend_config":{"kind":"__custom_fusion","custom_fusion_config":{"name":"dynamic_slice_fusion"}}}
+backend_config={"fusion_backend_config":{"kind":"__custom_fusion",\
+"custom_fusion_config":{"name":"dynamic_slice_fusion"}}}
 }
 '''
   ops = traffic.estimate(program)
