@@ -114,10 +114,15 @@ class _Estimator:
     return _array_bytes(instruction.shape) + sum(_array_bytes(self.shapes.get(o, ''))
                                                  for o in dict.fromkeys(instruction.operands) if o not in aliased)
 
+  def _callee(self, attributes: str) -> list[_Instruction]:
+    """The computation an op's `calls=` names (a fusion's fused computation, an async start's
+    wrapper); empty where it names none."""
+    return self.computations.get(next(iter(_called(attributes, 'calls')), ''), [])
+
   def _fusion_bytes(self, instruction: _Instruction) -> int:
     """Operands and result of a fusion, with sliced operands counted as their slices and a root
     dynamic-update-slice in place (it writes only its update into the operand it aliases)."""
-    fused = self.computations.get(next(iter(_called(instruction.attributes, 'calls')), ''), [])
+    fused = self._callee(instruction.attributes)
     if not fused:
       return self._operand_and_result_bytes(instruction)
     by_name = {i.name: i for i in fused}
@@ -160,7 +165,7 @@ class _Estimator:
     computation itself; `async-start` calls a wrapper computation whose root is the op."""
     if start.opcode != 'async-start':
       return dataclasses.replace(start, opcode=start.opcode.removesuffix('-start'))
-    wrapper = self.computations.get(next(iter(_called(start.attributes, 'calls')), ''), [])
+    wrapper = self._callee(start.attributes)
     root = next((i for i in wrapper if i.is_root), None)
     if root is None:
       return dataclasses.replace(start, opcode='async')
@@ -207,8 +212,7 @@ class _Estimator:
       if 'gemm_fusion' in attributes or '__cublas' in attributes or '"kind":"__triton_gemm"' in attributes:
         return 'gemm'
       if '"name":"dynamic_slice_fusion"' in attributes:
-        fused = self.computations.get(next(iter(_called(attributes, 'calls')), ''), [])
-        call = next((i for i in fused if i.opcode == 'custom-call'), None)
+        call = next((i for i in self._callee(attributes) if i.opcode == 'custom-call'), None)
         if call:
           return self._kind(call)
       kind = re.search(r'kind=(\w+)', attributes)
