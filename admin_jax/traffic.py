@@ -31,6 +31,8 @@ _ALIASED_OPERAND = re.compile(r'\{[\d,]*\}: \((\d+),')
 # Ops that move no data of their own: views, tuples and bookkeeping.
 _FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all', 'partition-id',
                    'replica-id', 'opt-barrier'})
+# Custom calls that only name a buffer: XLA's uninitialised allocation (a loop's stack it overwrites whole).
+_FREE_CUSTOM_CALLS = ('custom_call_target="AllocateBuffer"',)
 _SLICES = frozenset({'slice', 'dynamic-slice'})
 
 
@@ -189,7 +191,8 @@ class _Estimator:
                                                                               'branch_computations'):
           self.walk(callee, repeats)
         continue
-      if instruction.opcode in _FREE:
+      if instruction.opcode in _FREE or (instruction.opcode == 'custom-call'
+                                         and any(c in instruction.attributes for c in _FREE_CUSTOM_CALLS)):
         continue
       if instruction.opcode == 'fusion':
         moved = self._fusion_bytes(instruction)

@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (docs/PERF.md) and use less memory; a scan compiles in about half the time, flat in depth.
   # Checkpoints are the same either way.
   model.scan_layers = False
+  # With scan_layers: the first N layers of each stack run unrolled before its scan, each faster than
+  # a scanned layer and adding an unrolled layer's compile time (docs/PERF.md, deep stacks).
+  model.unrolled_layers = 0
   model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
   # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). On an H200, flash with the

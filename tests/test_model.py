@@ -15,6 +15,7 @@ from admin_jax.model import TransformerConfig
 from admin_jax.model import dropout
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.attention import Visibility
+from admin_jax.model.transformer import decoder_inputs
 from conftest import packed_batch
 import numpy_reference as ref
 
@@ -77,7 +78,6 @@ def test_cached_decoding_equals_full_forward(residual, stream_dtype, np_rng):
   model = Transformer(tiny(residual, stream_dtype=stream_dtype), rngs=nnx.Rngs(3))
   batch = packed_batch(np_rng, 2, 9, VOCAB, [[9], [6]])
   full = np.asarray(forward(model, batch))
-  from admin_jax.model.transformer import decoder_inputs
   dec_in = np.asarray(decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation']))
   graphdef, state = nnx.split(model)
 
@@ -246,6 +246,53 @@ def test_scan_equals_python_loop(remat, np_rng):
   key = jax.random.key(2)
   np.testing.assert_allclose(np.asarray(forward(scanned, batch, key)), np.asarray(forward(looped, batch, key)),
                              atol=1e-5, rtol=1e-5)
+
+
+def _scan_lengths(jaxpr: jax.extend.core.Jaxpr) -> list[int]:
+  """The lengths of the scans in a jaxpr, nested ones included, in program order."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'scan':
+      lengths.append(eqn.params['length'])
+    for param in eqn.params.values():
+      inner = getattr(param, 'jaxpr', param)
+      if isinstance(inner, jax.extend.core.Jaxpr):
+        lengths += _scan_lengths(inner)
+  return lengths
+
+
+def test_layers_unrolled_before_a_scan_equal_the_python_loop(np_rng):
+  """Scanned stacks with their first two layers unrolled (model.unrolled_layers) scan only the
+  layers after them (one of the encoder's three, none of the decoder's two), and are the same
+  function as the loop: logits and gradients under dropout and remat, each sublayer's profiled
+  omega in forward order, and cached decoding."""
+  batch = packed_batch(np_rng, 2, 8, VOCAB, [[3, 5], [8]])
+  key = jax.random.key(2)
+  dec_in = decoder_inputs(batch['targets'], batch['targets_position'], batch['targets_segmentation'])
+  results = []
+  for scan in (True, False):
+    cfg = tiny('admin', num_encoder_layers=3, num_decoder_layers=2, dropout=0.1, attention_dropout=0.1,
+               activation_dropout=0.1, remat='dots', scan_layers=scan, unrolled_layers=2 if scan else 0)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(7)))
+
+    def loss(params, graphdef=graphdef):
+      return (nnx.merge(graphdef, params)(batch, rng=key) ** 2).sum()
+
+    @jax.jit
+    def run(state, graphdef=graphdef):
+      model = nnx.merge(graphdef, state)
+      memory = model.encode(batch['inputs'], batch['inputs_segmentation'], batch['inputs_position'])
+      cache, steps = model.init_cache(memory, batch['inputs_segmentation'], 3), []
+      for t in range(3):
+        step_logits, cache = model.decode_step(dec_in[:, t], cache)
+        steps.append(step_logits)
+      return jax.value_and_grad(loss)(state), model.profile_omegas(batch, rng=key), jnp.stack(steps, 1)
+
+    assert _scan_lengths(jax.make_jaxpr(loss)(state).jaxpr) == ([1] if scan else [])
+    results.append(run(state))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+               *results)
+  assert results[0][1]['encoder'].shape == (6,) and results[0][1]['decoder'].shape == (6,)
 
 
 def test_remat_dots_saves_the_flash_kernels_outputs(np_rng):

@@ -70,6 +70,17 @@ def test_ops_are_grouped_by_what_runs_them(text, kind):
   assert ops[0].count == 1 and ops[0].bytes >= 2 * 8 * 8 * 2
 
 
+def test_an_uninitialised_buffer_moves_nothing():
+  """XLA's AllocateBuffer (a scan's stack that the loop overwrites whole, left unfilled) reserves
+  memory and runs no kernel; the copy beside it is charged as usual."""
+  program = ('HloModule m\n\nENTRY %main (a: bf16[8,8]) -> (bf16[64,8,8], bf16[8,8]) {\n'
+             '  %a = bf16[8,8]{1,0} parameter(0)\n'
+             '  %s = bf16[64,8,8]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"\n'
+             '  %c = bf16[8,8]{1,0} copy(%a)\n'
+             '  ROOT %t = (bf16[64,8,8]{2,1,0}, bf16[8,8]{1,0}) tuple(%s, %c)\n}\n')
+  assert [(op.kind, op.bytes) for op in traffic.estimate(program)] == [('copy', 2 * 8 * 8 * 2)]
+
+
 def test_an_async_fusion_counts_as_the_fusion_it_runs():
   """XLA may run a fusion as a start/done pair, printed as `fusion-start` or as `async-start` of a
   wrapper computation; either way it moves what the fusion moves (here: one row into a stack)."""

@@ -22,6 +22,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   stream_dtype: str = 'float32'  # the residual stream x_k between sublayers
   scan_layers: bool = True
+  unrolled_layers: int = 0  # of each scanned stack, run before its scan
   remat: str = 'none'
   attention_impl: str = 'xla'  # xla | cudnn | flash (model/attention.py)
   layer_norm_impl: str = 'xla'  # xla | pallas (model/layer_norm_kernel.py): the Post-LN/Admin residual LayerNorm

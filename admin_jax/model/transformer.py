@@ -165,11 +165,13 @@ class LayerStack(nnx.Module):
   """N identical layers whose parameters are stacked on a leading 'layers' axis.
 
   With `scan` the stack runs as one `lax.scan`, so compile time stays nearly flat in depth;
-  otherwise a Python loop applies the same per-layer weights (used to check the scan).
+  otherwise a Python loop applies the same per-layer weights. `unrolled` layers of a scanned stack
+  run in that loop before the scan: each is faster than a scanned layer, whose saved activations
+  are copied into and out of stacks, and adds to compile time what an unrolled layer does.
   """
 
   def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-               scan: bool, remat: str, rngs: nnx.Rngs):
+               scan: bool, remat: str, rngs: nnx.Rngs, unrolled: int = 0):
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):
       return make_layer(nnx.Rngs(params=key))
@@ -179,27 +181,36 @@ class LayerStack(nnx.Module):
       if isinstance(variable, nnx.Variable) and 'logical_axes' in variable.get_metadata():
         variable.set_metadata(logical_axes=('layers',) + tuple(variable.get_metadata()['logical_axes']))
     self.num_layers = num_layers
-    self.scan = scan
+    self.scanned = num_layers - min(unrolled, num_layers) if scan else 0
     self.remat = remat
 
-  def apply(self, step: Callable, carry: Any, per_layer: Any = None) -> tuple[Any, Any]:
-    """Runs `step(layer, carry, per_layer_slice) -> (carry, output)` over the layers in order."""
-    graphdef, params = nnx.split(self.layers)
-
+  def _body(self, step: Callable, graphdef: nnx.GraphDef, in_scan: bool) -> Callable:
     def body(carry, xs):
       layer_params, layer_xs = xs
       return step(nnx.merge(graphdef, layer_params), carry, layer_xs)
 
-    if self.remat != 'none':
-      policy = _SAVE_MATMUL_OUTPUTS if self.remat == 'dots' else None
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
-    if self.scan:
-      return jax.lax.scan(body, carry, (params, per_layer))
-    outputs = []
-    for i in range(self.num_layers):
-      carry, out = body(carry, jax.tree.map(lambda a: a[i], (params, per_layer)))
-      outputs.append(out)
-    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if outputs[0] is not None else None
+    if self.remat == 'none':
+      return body
+    policy = _SAVE_MATMUL_OUTPUTS if self.remat == 'dots' else None
+    return jax.checkpoint(body, policy=policy, prevent_cse=not in_scan)
+
+  def apply(self, step: Callable, carry: Any, per_layer: Any = None) -> tuple[Any, Any]:
+    """Runs `step(layer, carry, per_layer_slice) -> (carry, output)` over the layers in order."""
+    graphdef, params = nnx.split(self.layers)
+    xs = (params, per_layer)
+    unrolled = self.num_layers - self.scanned
+    parts = []
+    if unrolled:
+      body, outputs = self._body(step, graphdef, in_scan=False), []
+      for i in range(unrolled):
+        carry, out = body(carry, jax.tree.map(lambda a: a[i], xs))
+        outputs.append(out)
+      parts.append(jax.tree.map(lambda *layer_outputs: jnp.stack(layer_outputs), *outputs))
+    if self.scanned:
+      rest = jax.tree.map(lambda a: a[unrolled:], xs) if unrolled else xs
+      carry, out = jax.lax.scan(self._body(step, graphdef, in_scan=True), carry, rest)
+      parts.append(out)
+    return carry, jax.tree.map(lambda *stacked: jnp.concatenate(stacked), *parts)
 
 
 class Transformer(nnx.Module):
@@ -221,9 +232,11 @@ class Transformer(nnx.Module):
       self.decoder_embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
       self.output_embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
     self.encoder = LayerStack(lambda r: EncoderLayer(cfg, shortcut=enc_shortcut, gain=enc_gain, rngs=r),
-                              cfg.num_encoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+                              cfg.num_encoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+                              unrolled=cfg.unrolled_layers)
     self.decoder = LayerStack(lambda r: DecoderLayer(cfg, shortcut=dec_shortcut, gain=dec_gain, rngs=r),
-                              cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+                              cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+                              unrolled=cfg.unrolled_layers)
     if cfg.residual == 'pre_ln':
       self.encoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
       self.decoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
