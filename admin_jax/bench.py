@@ -349,7 +349,8 @@ def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value,
-                    unrolled_layers=_UNROLLED_LAYERS.value, layer_norm_impl=_LAYER_NORM_IMPL.value, stream_dtype=_STREAM_DTYPE.value)
+                    unrolled_layers=_UNROLLED_LAYERS.value, layer_norm_impl=_LAYER_NORM_IMPL.value,
+                    stream_dtype=_STREAM_DTYPE.value)
   names = _PRESET.value
   # A target's compile-only devices must come before anything starts JAX's backends.
   devices = deviceless.compile_only_devices(_TARGET.value) if _TARGET.value else None
