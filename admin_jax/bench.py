@@ -79,8 +79,12 @@ _STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat
                                    'dtype of the residual stream between sublayers (model.stream_dtype).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
-_UNROLLED_LAYERS = flags.DEFINE_integer('unrolled_layers', 0, 'With --scan_layers: layers of each stack run '
-                                        'unrolled before its scan (model.unrolled_layers).', lower_bound=0)
+_UNROLLED_ENCODER_LAYERS = flags.DEFINE_integer('unrolled_encoder_layers', 0, 'With --scan_layers: encoder '
+                                                'layers run before its scan (model.unrolled_encoder_layers).',
+                                                lower_bound=0)
+_UNROLLED_DECODER_LAYERS = flags.DEFINE_integer('unrolled_decoder_layers', 0, 'With --scan_layers: decoder '
+                                                'layers run before its scan (model.unrolled_decoder_layers).',
+                                                lower_bound=0)
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
                                  'ops.csv (device time per XLA op), hlo.txt (the optimised program) and '
                                  'traffic.csv (its estimated memory traffic per op); with --target, the last two.')
@@ -88,8 +92,10 @@ _TARGET = flags.DEFINE_enum('target', None, list(deviceless.TARGETS),
                             'Compile only, for this GPU (which this machine need not have): report compile time '
                             'and memory, time no step.')
 flags.register_multi_flags_validator(
-    ['unrolled_layers', 'scan_layers'], lambda f: not f['unrolled_layers'] or f['scan_layers'],
-    message='--unrolled_layers counts the layers run before a scan: it needs --scan_layers')
+    ['unrolled_encoder_layers', 'unrolled_decoder_layers', 'scan_layers'],
+    lambda f: f['scan_layers'] or not (f['unrolled_encoder_layers'] or f['unrolled_decoder_layers']),
+    message='--unrolled_encoder_layers and --unrolled_decoder_layers count layers run before a scan: they need '
+            '--scan_layers')
 flags.register_validator('preset', lambda names: all(n in PRESETS for n in names),
                          message=f'every preset must be one of {", ".join(PRESETS)}')
 
@@ -107,7 +113,8 @@ class Options:
   prng_impl: str = 'threefry2x32'
   attention_impl: str = 'xla'
   scan_layers: bool = False
-  unrolled_layers: int = 0
+  unrolled_encoder_layers: int = 0
+  unrolled_decoder_layers: int = 0
   layer_norm_impl: str = 'xla'
   stream_dtype: str = 'float32'
 
@@ -122,9 +129,10 @@ def model_config(preset: Preset, options: Options = Options()) -> TransformerCon
                            num_decoder_layers=preset.layers, d_model=preset.d_model, ffn_dim=preset.ffn_dim,
                            num_heads=preset.num_heads, dtype=preset.dtype, remat=options.remat,
                            attention_impl=options.attention_impl, attention_dropout=options.attention_dropout,
-                           scan_layers=options.scan_layers, unrolled_layers=options.unrolled_layers,
-                           layer_norm_impl=options.layer_norm_impl,
-                           stream_dtype=options.stream_dtype, max_len=preset.seq_len)
+                           scan_layers=options.scan_layers, unrolled_encoder_layers=options.unrolled_encoder_layers,
+                           unrolled_decoder_layers=options.unrolled_decoder_layers,
+                           layer_norm_impl=options.layer_norm_impl, stream_dtype=options.stream_dtype,
+                           max_len=preset.seq_len)
 
 
 def _packed_side(rng: np.random.Generator, segments: np.ndarray, length: int,
@@ -232,7 +240,8 @@ def _described(preset: Preset, options: Options) -> dict:
       'prng_impl': options.prng_impl,
       'attention_impl': options.attention_impl,
       'scan_layers': options.scan_layers,
-      'unrolled_layers': options.unrolled_layers or None,  # None: no layers run before a scan
+      'unrolled_encoder_layers': options.unrolled_encoder_layers or None,  # None: no layers run before a scan
+      'unrolled_decoder_layers': options.unrolled_decoder_layers or None,
       'layer_norm_impl': options.layer_norm_impl,
       'stream_dtype': options.stream_dtype,
       'attention_dropout': options.attention_dropout,
@@ -349,7 +358,8 @@ def main(argv):
   del argv
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value,
-                    unrolled_layers=_UNROLLED_LAYERS.value, layer_norm_impl=_LAYER_NORM_IMPL.value,
+                    unrolled_encoder_layers=_UNROLLED_ENCODER_LAYERS.value,
+                    unrolled_decoder_layers=_UNROLLED_DECODER_LAYERS.value, layer_norm_impl=_LAYER_NORM_IMPL.value,
                     stream_dtype=_STREAM_DTYPE.value)
   names = _PRESET.value
   # A target's compile-only devices must come before anything starts JAX's backends.

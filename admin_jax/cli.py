@@ -89,11 +89,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.attention_impl == 'cudnn' and config.model.attention_dropout:
     raise UserError("config model.attention_impl='cudnn' needs model.attention_dropout=0 "
                     '(jax.nn.dot_product_attention has no dropout)')
-  if config.model.unrolled_layers < 0:
-    raise UserError(f'config model.unrolled_layers must not be negative, got {config.model.unrolled_layers}')
-  if config.model.unrolled_layers and not config.model.scan_layers:
-    raise UserError('config model.unrolled_layers counts the layers run before a scan: it needs '
-                    'model.scan_layers=True (without it every layer is unrolled)')
+  for key in ('unrolled_encoder_layers', 'unrolled_decoder_layers'):
+    if config.model[key] < 0:
+      raise UserError(f'config model.{key} must not be negative, got {config.model[key]}')
+    if config.model[key] and not config.model.scan_layers:
+      raise UserError(f'config model.{key} counts the layers run before a scan: it needs '
+                      'model.scan_layers=True (without it every layer is unrolled)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
   if config.model.layer_norm_impl == 'pallas' and config.model.d_model & (config.model.d_model - 1):

@@ -46,8 +46,8 @@ class StopSignal:
 
 # Model keys that change how the parameters are computed, not what they are: a resume may change them.
 _COMPUTE_ONLY_MODEL_KEYS = frozenset({'dropout', 'attention_dropout', 'activation_dropout', 'remat', 'dtype',
-                                      'stream_dtype', 'scan_layers', 'unrolled_layers', 'attention_impl',
-                                      'layer_norm_impl'})
+                                      'stream_dtype', 'scan_layers', 'unrolled_encoder_layers',
+                                      'unrolled_decoder_layers', 'attention_impl', 'layer_norm_impl'})
 # Other keys a resume must keep: the vocabulary, the languages and the PRNG of the saved dropout key.
 _FIXED_KEYS = (('data', 'vocab_size'), ('data', 'src_lang'), ('data', 'tgt_lang'), ('train', 'prng_impl'))
 

@@ -31,9 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (docs/PERF.md) and use less memory; a scan compiles in about half the time, flat in depth.
   # Checkpoints are the same either way.
   model.scan_layers = False
-  # With scan_layers: the first N layers of each stack run unrolled before its scan, each faster than
-  # a scanned layer and adding an unrolled layer's compile time (docs/PERF.md, deep stacks).
-  model.unrolled_layers = 0
+  # With scan_layers: the first layers of each stack run unrolled before its scan, each faster than a
+  # scanned layer and adding an unrolled layer's compile time. Scans of unequal lengths on the two
+  # sides also let XLA leave their stacks unfilled (docs/PERF.md, "Thirteenth session").
+  model.unrolled_encoder_layers = 0
+  model.unrolled_decoder_layers = 0
   model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
   # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). On an H200, flash with the

@@ -90,7 +90,8 @@ def test_tiny_preset_prints_one_json_line_with_every_field(tmp_path):
               'peak_memory_source', 'params', 'layers', 'd_model', 'ffn_dim', 'num_heads', 'vocab_size',
               'seq_len', 'batch', 'dtype', 'remat', 'steps', 'warmup_steps', 'jax', 'step_ms_min',
               'compiled_temp_bytes', 'prng_impl', 'attention_impl', 'attention_dropout', 'scan_layers',
-              'traffic_bytes', 'traffic_bytes_by_kind', 'layer_norm_impl', 'stream_dtype', 'unrolled_layers'}
+              'traffic_bytes', 'traffic_bytes_by_kind', 'layer_norm_impl', 'stream_dtype', 'unrolled_encoder_layers',
+              'unrolled_decoder_layers'}
   assert expected <= set(record), expected - set(record)
   numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)} == {}

@@ -105,7 +105,7 @@ def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp
   cli.write_config(config, str(tmp_path))
   config.model.scan_layers = not config.model.scan_layers
   config.model.update(attention_impl='cudnn', attention_dropout=0.0, dtype='bfloat16', remat='full',
-                      unrolled_layers=1)
+                      unrolled_encoder_layers=1, unrolled_decoder_layers=2)
   train_lib.check_workdir_compatible(config, str(tmp_path))  # same parameters: accepted
   config.model.ffn_dim *= 2
   config.train.prng_impl = 'rbg'  # the saved dropout key would not fit
@@ -231,16 +231,17 @@ def test_pallas_layer_norm_needs_a_power_of_two_width():
   cli.validate(config)
 
 
-def test_layers_unrolled_before_a_scan_need_the_scan():
+@pytest.mark.parametrize('key', ['unrolled_encoder_layers', 'unrolled_decoder_layers'])
+def test_layers_unrolled_before_a_scan_need_the_scan(key):
   config = demo.get_config()
-  config.model.update(scan_layers=False, unrolled_layers=2)
-  with pytest.raises(UserError, match='unrolled_layers counts the layers run before a scan: it needs '
+  config.model.update(scan_layers=False, **{key: 2})
+  with pytest.raises(UserError, match=f'model.{key} counts the layers run before a scan: it needs '
                                       'model.scan_layers=True'):
     cli.validate(config)
-  config.model.unrolled_layers = -1
-  with pytest.raises(UserError, match='unrolled_layers must not be negative'):
+  config.model[key] = -1
+  with pytest.raises(UserError, match=f'model.{key} must not be negative'):
     cli.validate(config)
-  config.model.update(scan_layers=True, unrolled_layers=2)
+  config.model.update(scan_layers=True, **{key: 2})
   cli.validate(config)
 
 

@@ -22,7 +22,8 @@ class TransformerConfig:
   dtype: str = 'float32'
   stream_dtype: str = 'float32'  # the residual stream x_k between sublayers
   scan_layers: bool = True
-  unrolled_layers: int = 0  # of each scanned stack, run before its scan
+  unrolled_encoder_layers: int = 0  # of a scanned encoder, run before its scan
+  unrolled_decoder_layers: int = 0  # of a scanned decoder, run before its scan
   remat: str = 'none'
   attention_impl: str = 'xla'  # xla | cudnn | flash (model/attention.py)
   layer_norm_impl: str = 'xla'  # xla | pallas (model/layer_norm_kernel.py): the Post-LN/Admin residual LayerNorm

@@ -233,10 +233,10 @@ class Transformer(nnx.Module):
       self.output_embedding = layers.Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs)
     self.encoder = LayerStack(lambda r: EncoderLayer(cfg, shortcut=enc_shortcut, gain=enc_gain, rngs=r),
                               cfg.num_encoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
-                              unrolled=cfg.unrolled_layers)
+                              unrolled=cfg.unrolled_encoder_layers)
     self.decoder = LayerStack(lambda r: DecoderLayer(cfg, shortcut=dec_shortcut, gain=dec_gain, rngs=r),
                               cfg.num_decoder_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
-                              unrolled=cfg.unrolled_layers)
+                              unrolled=cfg.unrolled_decoder_layers)
     if cfg.residual == 'pre_ln':
       self.encoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
       self.decoder_final_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
