@@ -27,13 +27,19 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _ALIASING = re.compile(r'output_to_operand_aliasing=\{(.*?)\}(?:,|$)')
 _ALIASED_OPERAND = re.compile(r'\{[\d,]*\}: \((\d+),')
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 # Ops that move no data of their own: views, tuples and bookkeeping.
 _FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all', 'partition-id',
                    'replica-id', 'opt-barrier'})
 # Custom calls that only name a buffer: XLA's uninitialised allocation (a loop's stack it overwrites whole).
-_FREE_CUSTOM_CALLS = ('custom_call_target="AllocateBuffer"',)
+_FREE_CUSTOM_CALL_TARGETS = frozenset({'AllocateBuffer'})
 _SLICES = frozenset({'slice', 'dynamic-slice'})
+
+
+def _custom_call_target(attributes: str) -> str:
+  target = _CUSTOM_CALL_TARGET.search(attributes)
+  return target.group(1) if target else '?'
 
 
 def _array_bytes(shape: str) -> int:
@@ -191,8 +197,8 @@ class _Estimator:
                                                                               'branch_computations'):
           self.walk(callee, repeats)
         continue
-      if instruction.opcode in _FREE or (instruction.opcode == 'custom-call'
-                                         and any(c in instruction.attributes for c in _FREE_CUSTOM_CALLS)):
+      if instruction.opcode in _FREE or (instruction.opcode == 'custom-call' and
+                                         _custom_call_target(instruction.attributes) in _FREE_CUSTOM_CALL_TARGETS):
         continue
       if instruction.opcode == 'fusion':
         moved = self._fusion_bytes(instruction)
@@ -221,8 +227,7 @@ class _Estimator:
       kind = re.search(r'kind=(\w+)', attributes)
       return 'fusion:' + (kind.group(1) if kind else '?')
     if instruction.opcode == 'custom-call':
-      target = re.search(r'custom_call_target="([^"]*)"', attributes)
-      target = target.group(1) if target else '?'
+      target = _custom_call_target(attributes)
       return 'gemm' if 'gemm' in target or 'cublas' in target else 'custom-call:' + target
     return instruction.opcode
 
