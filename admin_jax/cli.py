@@ -38,12 +38,42 @@ CHOICES = {
     'train.optimizer': ('radam', 'adam', 'adamw'),
     'train.prng_impl': ('threefry2x32', 'rbg', 'unsafe_rbg'),
 }
+# Numeric keys by the values a run can use (the *_every_steps keys give 0 and -1 meanings of their own).
+POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_model', 'model.ffn_dim',
+            'model.num_heads', 'data.vocab_size', 'data.max_len', 'data.tokens_per_batch', 'data.eval_batch_size',
+            'train.num_steps', 'train.lr', 'train.eps', 'train.grad_accum', 'train.max_bad_steps', 'checkpoint.keep',
+            'eval.beam_size')
+NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
+                'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
+                'train.loss_chunk_tokens', 'eval.max_sentences')
+FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
+             'train.b1', 'train.b2')  # in [0, 1)
+
+
+# How ml_collections wraps an error that a config file's get_config raised: the traceback follows.
+_CONFIG_FILE_TRACEBACK = 'Error whilst parsing config file:'
 
 
 def _one_line(error: BaseException) -> str:
-  text = str(error).strip().strip('"\'')
-  text = text.replace('\\n', '\n').replace("\\'", "'")
+  """The error's message on one line; of a config file's traceback, only its last line, the error itself."""
+  text = str(error).replace('\\n', '\n').replace("\\'", "'")
+  head, wrapped, traceback_text = text.partition(_CONFIG_FILE_TRACEBACK)
+  text = head + _last_line(traceback_text) if wrapped else text.strip().strip('"\'')
   return ' '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _last_line(text: str) -> str:
+  return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), '')
+
+
+def _config_flag(argv: list[str]) -> str:
+  """The --config argument as given, to name the file in an error raised while it ran."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg
+    if arg == '--config' and i + 1 < len(argv):
+      return f'--config={argv[i + 1]}'
+  return '--config'
 
 
 def _unknown_key_message(argv: list[str], error: BaseException) -> str:
@@ -66,6 +96,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit(_unknown_key_message(argv, error))
   except (flags.Error, ValueError, TypeError) as error:
     _exit(_one_line(error))
+  except (SyntaxError, ImportError) as error:  # from running the config file itself
+    _exit(f'{_config_flag(argv)}: {type(error).__name__}: {error}')
 
 
 def _exit(message: str) -> None:
@@ -73,16 +105,21 @@ def _exit(message: str) -> None:
   sys.exit(2)
 
 
+def _value(config: ml_collections.ConfigDict, key: str):
+  section, name = key.split('.')
+  return config[section][name]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses values no job can run with, naming the key."""
   for key, allowed in CHOICES.items():
-    section, name = key.split('.')
-    value = config[section][name]
-    if value not in allowed:
-      raise UserError(f"config {key}={value!r} is not one of {', '.join(allowed)}")
-  for key in ('num_encoder_layers', 'num_decoder_layers', 'd_model', 'ffn_dim', 'num_heads'):
-    if config.model[key] < 1:
-      raise UserError(f'config model.{key} must be positive, got {config.model[key]}')
+    if _value(config, key) not in allowed:
+      raise UserError(f"config {key}={_value(config, key)!r} is not one of {', '.join(allowed)}")
+  for keys, holds, wanted in ((POSITIVE, lambda v: v > 0, 'positive'), (NON_NEGATIVE, lambda v: v >= 0, 'non-negative'),
+                              (FRACTIONS, lambda v: 0 <= v < 1, 'in [0, 1)')):
+    for key in keys:
+      if not holds(_value(config, key)):
+        raise UserError(f'config {key} must be {wanted}, got {_value(config, key)}')
   if config.model.d_model % config.model.num_heads:
     raise UserError(f'config model.d_model={config.model.d_model} is not divisible by '
                     f'model.num_heads={config.model.num_heads}')
@@ -90,8 +127,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError("config model.attention_impl='cudnn' needs model.attention_dropout=0 "
                     '(jax.nn.dot_product_attention has no dropout)')
   for key in ('unrolled_encoder_layers', 'unrolled_decoder_layers'):
-    if config.model[key] < 0:
-      raise UserError(f'config model.{key} must not be negative, got {config.model[key]}')
     if config.model[key] and not config.model.scan_layers:
       raise UserError(f'config model.{key} counts the layers run before a scan: it needs '
                       'model.scan_layers=True (without it every layer is unrolled)')
@@ -106,12 +141,21 @@ def load_config() -> ml_collections.ConfigDict:
   """The parsed config, validated; a config file that failed to load becomes a UserError."""
   if flags.FLAGS['config'].present == 0 and _CONFIG.value is None:
     raise UserError('--config is required, e.g. --config=configs/demo.py')
-  try:
-    config = _CONFIG.value
-  except (OSError, ImportError, SyntaxError) as error:
-    raise UserError(_one_line(error)) from None
+  config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}: {_not_loaded(config)}')
   validate(config)
   return config
+
+
+def _not_loaded(config: object) -> str:
+  """Why --config holds no ConfigDict. ml_collections keeps a file it could not read (missing, a
+  directory) as an object that raises the read's error when any of its attributes is looked up."""
+  try:
+    getattr(config, 'keys', None)
+  except OSError as error:
+    return _last_line(str(error.__cause__ or error))
+  return f'get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict'
 
 
 def require_workdir() -> str:

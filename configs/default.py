@@ -8,7 +8,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg:
+    raise ValueError(f'this config takes no argument, got {arg!r}')
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()

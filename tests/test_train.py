@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 
 import jax
@@ -21,8 +22,10 @@ from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from configs import demo
 from conftest import REPO
+from conftest import finish
 from conftest import packed_batch
 from conftest import python
+from conftest import spawn
 from conftest import subprocess_env
 
 
@@ -222,6 +225,52 @@ def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_numeric_config_values_outside_their_range_are_refused():
+  """Each key of cli's range tables on the demo config: its edge refused by name, the nearest value
+  a run can use accepted."""
+  cases = ([(key, 0, 1, 'positive') for key in cli.POSITIVE]
+           + [(key, -1, 0, 'non-negative') for key in cli.NON_NEGATIVE]
+           + [(key, bad, 0, 'in [0, 1)') for key in cli.FRACTIONS for bad in (1, -0.1)])
+  for key, bad, good, wanted in cases:
+    config = demo.get_config()
+    section, name = key.split('.')
+    config[section][name] = bad
+    with pytest.raises(UserError, match=re.escape(f'config {key} must be {wanted}, got {bad}')):
+      cli.validate(config)
+    config[section][name] = good
+    if key != 'model.d_model':  # a width of 1 is odd and does not split into the demo's 4 heads
+      cli.validate(config)
+
+
+def test_config_files_that_give_no_config_are_refused_in_one_line(tmp_path):
+  """Every job reads --config through cli.load_config under cli.run, as this child does: a file that
+  is missing, fails to run or returns nothing, and an argument its get_config refuses, each end in
+  a line naming the file and the error, without a traceback."""
+  broken = {'syntax.py': 'def get_config(:\n', 'import.py': 'import admin_jax_no_such_module\n',
+            'no_return.py': 'def get_config():\n  pass\n'}
+  for name, text in broken.items():
+    (tmp_path / name).write_text(text)
+  expected = {  # by --config: what the error line says after the config argument
+      'configs/missing.py': "[Errno 2] No such file or directory: 'configs/missing.py'",
+      'configs': "[Errno 21] Is a directory: 'configs'",
+      f'{tmp_path}/syntax.py': 'SyntaxError: ',
+      f'{tmp_path}/import.py': "ModuleNotFoundError: No module named 'admin_jax_no_such_module'",
+      f'{tmp_path}/no_return.py': 'get_config() returned NoneType, not an ml_collections.ConfigDict',
+      'configs/multi30k.py:bogus': "ValueError: config argument 'bogus': expected a layer count",
+      'configs/demo.py:18': "ValueError: this config takes no argument, got '18'",
+  }
+  job = 'from admin_jax import cli; cli.run(lambda argv: cli.load_config())'
+  children = {config: spawn([python(), '-c', job, f'--config={config}'], subprocess_env()) for config in expected}
+  for config, message in expected.items():
+    out = finish(children[config], timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
+    prefixes = (f'error: --config={config}: ', f'error: flag --config={config}: ')  # flag: raised by absl's parse
+    assert lines[-1].startswith(tuple(prefix + message for prefix in prefixes)), out.stderr
+    # ml_collections itself warns about a get_config without a return value, on lines of its own.
+    assert len(lines) == 1 or config.endswith('no_return.py'), out.stderr
+
+
 def test_pallas_layer_norm_needs_a_power_of_two_width():
   config = demo.get_config()
   config.model.update(layer_norm_impl='pallas', d_model=384, num_heads=4)
@@ -239,7 +288,7 @@ def test_layers_unrolled_before_a_scan_need_the_scan(key):
                                       'model.scan_layers=True'):
     cli.validate(config)
   config.model[key] = -1
-  with pytest.raises(UserError, match=f'model.{key} must not be negative'):
+  with pytest.raises(UserError, match=f'model.{key} must be non-negative'):
     cli.validate(config)
   config.model.update(scan_layers=True, **{key: 2})
   cli.validate(config)
