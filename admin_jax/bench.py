@@ -64,11 +64,12 @@ PRESETS = {
 }
 
 _PRESET = flags.DEFINE_list('preset', ['base6'], f'Comma-separated presets: {", ".join(PRESETS)}.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per preset; the median is reported.')
-_WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after compiling.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per preset; the median is reported.', lower_bound=1)
+_WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after compiling.', lower_bound=0)
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Rematerialisation of each layer.')
 _LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
-                                          'Tokens projected onto the vocabulary at a time in the loss (0: all).')
+                                          'Tokens projected onto the vocabulary at a time in the loss (0: all).',
+                                          lower_bound=0)
 _PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rbg', 'unsafe_rbg'],
                                'PRNG of the dropout keys (the masks are hashed from them).')
 _ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'flash'],

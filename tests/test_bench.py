@@ -207,6 +207,16 @@ def test_a_cuda_plugin_of_another_jaxlib_is_one_line_error(monkeypatch):
                               f'0.0.1: pip install jax-cuda12-plugin=={wanted}')
 
 
+def test_step_counts_out_of_range_are_one_line_errors():
+  """No timed step left no median to report, and the job ended in a traceback."""
+  children = {flag: spawn([python(), '-m', 'admin_jax.bench', '--preset=tiny', flag], subprocess_env())
+              for flag in ('--steps=0', '--warmup_steps=-1')}
+  for flag, child in children.items():
+    result = finish(child, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith(f'error: flag {flag}: '), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_a_step_xla_cannot_compile_is_one_line_error():
   """XLA refusing the program (out of memory on the target, a flag it cannot honour) is reported as
   one line naming the preset, which `cli.run` prints without a traceback."""
