@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from admin_jax import files
 from admin_jax.errors import UserError
+from configs import default
 
 CONFIG_JSON = 'config.json'
 
@@ -167,6 +168,32 @@ def require_workdir() -> str:
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes DIR/config.json, the exact config a run used, for people and for resume checks."""
   files.write_text(epath.Path(workdir) / CONFIG_JSON, json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a run wrote to DIR/config.json (None where there is none), over this version's
+  defaults: a key added since the run takes its default, which is what the run did before the key
+  existed. A damaged file, or keys this version does not know, are refused in one line."""
+  path = epath.Path(workdir) / CONFIG_JSON
+  if not path.exists():
+    return None
+  try:
+    saved = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as error:  # json's decode error is a ValueError
+    raise UserError(f'{path} is damaged: {error}') from None
+  config = default.get_config()
+  if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
+    raise UserError(f'{path} is damaged: not a config of sections of keys')
+  unknown = [f'{name}.{key}' for name, section in saved.items() for key in section
+             if name not in config or key not in config[name]]
+  if unknown:
+    raise UserError(f'{path} has keys this version does not know: {", ".join(unknown)}')
+  config.lock()
+  try:
+    config.update(saved)
+  except TypeError as error:
+    raise UserError(f'{path}: {_one_line(error)}') from None
+  return config
 
 
 def quiet_logging() -> None:

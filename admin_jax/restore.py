@@ -10,7 +10,6 @@ stays at about two copies of the parameters whatever N is.
 """
 
 import functools
-import json
 from typing import Any, NamedTuple
 
 from etils import epath
@@ -43,10 +42,9 @@ class Inference(NamedTuple):
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run in `workdir` trained with (DIR/config.json), validated."""
-  path = epath.Path(workdir) / cli.CONFIG_JSON
-  if not path.is_file():
-    raise UserError(f'{path} not found: --workdir must be a training workdir')
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = cli.read_config(workdir)
+  if config is None:
+    raise UserError(f'{epath.Path(workdir) / cli.CONFIG_JSON} not found: --workdir must be a training workdir')
   cli.validate(config)
   return config
 

@@ -4,7 +4,6 @@ Read top to bottom: set up (tokenizer, mesh, sharded state), resume or profile o
 the step ahead of time, then loop: step, log, evaluate, checkpoint, stop when told to.
 """
 
-import json
 import signal
 import time
 from typing import NamedTuple
@@ -54,13 +53,12 @@ _FIXED_KEYS = (('data', 'vocab_size'), ('data', 'src_lang'), ('data', 'tgt_lang'
 
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir whose saved config describes a different model, naming the keys."""
-  path = epath.Path(workdir) / cli.CONFIG_JSON
-  if not path.exists():
+  saved = cli.read_config(workdir)
+  if saved is None:
     return
-  saved = json.loads(path.read_text())
   keys = [('model', k) for k in config.model if k not in _COMPUTE_ONLY_MODEL_KEYS] + list(_FIXED_KEYS)
-  differing = [f'{section}.{key} ({saved.get(section, {}).get(key)!r} -> {config[section][key]!r})'
-               for section, key in keys if saved.get(section, {}).get(key) != config[section][key]]
+  differing = [f'{section}.{key} ({saved[section][key]!r} -> {config[section][key]!r})'
+               for section, key in keys if saved[section][key] != config[section][key]]
   if differing:
     raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
                     'use a new --workdir')

@@ -1,5 +1,6 @@
 """Sharded training: mesh equivalence, sharding rules, accumulation, optimizer, FLOPs, the demo run."""
 
+import functools
 import json
 import math
 import re
@@ -15,6 +16,7 @@ import pytest
 from admin_jax import cli
 from admin_jax import flops
 from admin_jax import optim
+from admin_jax import restore
 from admin_jax import sharding
 from admin_jax import train as train_lib
 from admin_jax import train_step as train_step_lib
@@ -114,6 +116,30 @@ def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp
   config.train.prng_impl = 'rbg'  # the saved dropout key would not fit
   with pytest.raises(UserError, match=r"model.ffn_dim \(256 -> 512\), train.prng_impl \('threefry2x32' -> 'rbg'\)"):
     train_lib.check_workdir_compatible(config, str(tmp_path))
+
+
+def test_a_workdir_config_of_an_earlier_version_reads_over_the_defaults(tmp_path):
+  """Keys added since a run wrote its config.json take their defaults, what the run did before they
+  existed, so its checkpoints still resume and translate; a damaged file, a value of the wrong type
+  and keys this version lacks are refused in one line naming the file."""
+  config = demo.get_config()
+  cli.write_config(config, str(tmp_path))
+  path = tmp_path / cli.CONFIG_JSON
+  saved = json.loads(path.read_text())
+  del saved['model']['stream_dtype'], saved['model']['unrolled_encoder_layers']
+  path.write_text(json.dumps(saved))
+  assert cli.read_config(str(tmp_path)).to_dict() == config.to_dict()  # the demo keeps both at their defaults
+  train_lib.check_workdir_compatible(config, str(tmp_path))
+  assert restore.saved_config(str(tmp_path)).model.stream_dtype == 'float32'
+  refused = [({**saved, 'model': {**saved['model'], 'gone': 1}}, 'has keys this version does not know: model.gone'),
+             ({**saved, 'train': {**saved['train'], 'lr': 'fast'}}, "Could not override field 'lr'"),
+             ([saved], 'is damaged: not a config of sections of keys')]
+  for text, message in [(json.dumps(value), message) for value, message in refused] + [('{"model": {', 'is damaged: ')]:
+    path.write_text(text)
+    for read in (restore.saved_config, functools.partial(train_lib.check_workdir_compatible, config)):
+      with pytest.raises(UserError, match=re.escape(message)) as error:
+        read(str(tmp_path))
+      assert str(error.value).startswith(str(path)) and '\n' not in str(error.value)
 
 
 def numpy_clinic_radam(grads, params, lr, b1=0.9, b2=0.98, eps=1e-8, wd=0.0):
