@@ -59,7 +59,9 @@ def _one_line(error: BaseException) -> str:
   """The error's message on one line; of a config file's traceback, only its last line, the error itself."""
   text = str(error).replace('\\n', '\n').replace("\\'", "'")
   head, wrapped, traceback_text = text.partition(_CONFIG_FILE_TRACEBACK)
-  text = head + _last_line(traceback_text) if wrapped else text.strip().strip('"\'')
+  text = (head + _last_line(traceback_text) if wrapped else text).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':  # a message quoted whole, as KeyError's
+    text = text[1:-1]
   return ' '.join(line.strip() for line in text.splitlines() if line.strip())
 
 

@@ -244,6 +244,7 @@ def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
     ('--config.model.residual=postln', "model.residual='postln' is not one of"),
     ('--config.model.stream_dtype=float16', "model.stream_dtype='float16' is not one of"),
     ('--config.model.d_model=abc', 'd_model'),
+    ('--no_such_flag=1', "error: Unknown command line flag 'no_such_flag'\n"),  # quotes kept
 ])
 def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
