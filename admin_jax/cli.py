@@ -181,11 +181,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
   try:
     saved = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as error:  # json's decode error is a ValueError
+  except ValueError as error:  # what json and UTF-8 decoding raise
     raise UserError(f'{path} is damaged: {error}') from None
-  config = default.get_config()
   if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
     raise UserError(f'{path} is damaged: not a config of sections of keys')
+  config = default.get_config()
   unknown = [f'{name}.{key}' for name, section in saved.items() for key in section
              if name not in config or key not in config[name]]
   if unknown:
