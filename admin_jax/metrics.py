@@ -8,6 +8,7 @@ import io
 import json
 import math
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -96,10 +97,25 @@ class _EpathEventFile:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """DIR/metrics.jsonl's records. A line that holds no record (edited by hand, cut short by a full
+  disk) is skipped with a warning naming it: the plots are not worth a finished run's exit status."""
   path = epath.Path(workdir) / METRICS_JSONL
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records, damaged = [], []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+      record = json.loads(line) if line.strip() else {}
+    except ValueError:
+      record = None
+    if isinstance(record, dict):
+      records.extend([record] if record else [])
+    else:
+      damaged.append(number)
+  if damaged:
+    logging.warning('%s: skipped line%s %s, holding no record', path, 's' if len(damaged) > 1 else '',
+                    ', '.join(map(str, damaged)))
+  return records
 
 
 def plot_training_curves(workdir: str) -> str | None:

@@ -107,6 +107,18 @@ def test_metrics_are_rewritten_whole_and_a_resume_keeps_earlier_records(bucket):
   assert metrics.read_metrics(WORKDIR) == [json.loads(line) for line in lines]
 
 
+def test_damaged_metric_lines_are_skipped_with_a_warning(bucket, caplog):
+  """A run that resumes into, or finishes over, a metrics.jsonl with a damaged line still plots the
+  rest instead of ending in a traceback."""
+  good = [{'step': 10, 'loss': 5.0}, {'step': 20, 'loss': 4.0}]
+  bucket.mkdir(parents=True)
+  (bucket / 'metrics.jsonl').write_text(f'{json.dumps(good[0])}\n[1, 2]\n\n{json.dumps(good[1])}\n{{"step": 30, "lo')
+  with caplog.at_level('WARNING'):
+    assert metrics.read_metrics(WORKDIR) == good
+  assert 'metrics.jsonl: skipped lines 2, 5, holding no record' in caplog.text
+  assert metrics.plot_training_curves(WORKDIR) == f'{WORKDIR}/curves.png'
+
+
 def test_training_curves_plot_into_the_bucket(bucket):
   writer = metrics.MetricsWriter(WORKDIR, enabled=True)
   writer.write(10, {'loss': 5.0, 'valid_loss': 4.0, 'valid_bleu': 2.0})
