@@ -116,13 +116,13 @@ def _value(config: ml_collections.ConfigDict, key: str):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses values no job can run with, naming the key."""
   for key, allowed in CHOICES.items():
-    if _value(config, key) not in allowed:
-      raise UserError(f"config {key}={_value(config, key)!r} is not one of {', '.join(allowed)}")
+    if (value := _value(config, key)) not in allowed:
+      raise UserError(f"config {key}={value!r} is not one of {', '.join(allowed)}")
   for keys, holds, wanted in ((POSITIVE, lambda v: v > 0, 'positive'), (NON_NEGATIVE, lambda v: v >= 0, 'non-negative'),
                               (FRACTIONS, lambda v: 0 <= v < 1, 'in [0, 1)')):
     for key in keys:
-      if not holds(_value(config, key)):
-        raise UserError(f'config {key} must be {wanted}, got {_value(config, key)}')
+      if not holds(value := _value(config, key)):
+        raise UserError(f'config {key} must be {wanted}, got {value}')
   if config.model.d_model % config.model.num_heads:
     raise UserError(f'config model.d_model={config.model.d_model} is not divisible by '
                     f'model.num_heads={config.model.num_heads}')

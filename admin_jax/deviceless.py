@@ -18,6 +18,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
 import jax
 
@@ -86,12 +87,12 @@ def plugin_installed() -> bool:
     return False
 
 
-def plugin_version() -> str | None:
-  """The installed plugin's release, or None where the plugin carries no package metadata."""
-  try:
-    return importlib.metadata.version(PLUGIN_DISTRIBUTION)
-  except importlib.metadata.PackageNotFoundError:
-    return None
+def plugin_version(search_path: list[str] | None = None) -> str | None:
+  """The release of the plugin installed on `search_path` (by default sys.path), or None where the
+  plugin carries no package metadata."""
+  found = importlib.metadata.distributions(name=PLUGIN_DISTRIBUTION, path=sys.path if search_path is None
+                                           else search_path)
+  return next((distribution.version for distribution in found), None)
 
 
 def pool_bytes(target: GpuTarget) -> int:

@@ -104,12 +104,14 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   records, damaged = [], []
   for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
     try:
-      record = json.loads(line) if line.strip() else {}
+      record = json.loads(line)
     except ValueError:
       record = None
     if isinstance(record, dict):
-      records.extend([record] if record else [])
+      records.append(record)
     else:
       damaged.append(number)
   if damaged:

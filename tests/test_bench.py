@@ -127,12 +127,11 @@ def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.Popen:
 def h100_programs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]]:
   """The tiny preset compiled for an H100 by two jobs at once (each compiles on one core): with the
   Pallas kernels, and with a bf16 stream through XLA's LayerNorm; each job's result and trace folder."""
-  found = [d.version for d in importlib.metadata.distributions(path=[str(CUDA_PLUGIN_DIR)])
-           if d.metadata['Name'] == deviceless.PLUGIN_DISTRIBUTION]
+  found = deviceless.plugin_version([str(CUDA_PLUGIN_DIR)])
   jaxlib = importlib.metadata.version('jaxlib')
   # A plugin of another release crashes the jobs' `import jax` (jaxlib 0.11.2 with 0.10.2's) before they can refuse it.
-  assert found == [jaxlib], (f'{CUDA_PLUGIN_DIR} holds the CUDA plugin of jaxlib {found}, not {jaxlib}: reinstall it '
-                             'as .ci/run does')
+  assert found == jaxlib, (f'{CUDA_PLUGIN_DIR} holds the CUDA plugin of jaxlib {found}, not {jaxlib}: reinstall it '
+                           'as .ci/run does')
   env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
   env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
   options = {'pallas': ('--attention_impl=flash', '--layer_norm_impl=pallas'),
