@@ -63,7 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.max_len = 256  # tokens per packed row and per sentence; longer pairs are dropped and counted
   data.tokens_per_batch = 32768  # global token budget per optimizer micro-batch (fairseq --max-tokens x GPUs)
   data.eval_batch_size = 64  # sentences per eval/translate batch
-  data.prefetch = 2
+  data.prefetch = 2  # packed windows (pipeline.WINDOW_BATCHES batches each) kept ready, per worker
+  # Worker processes packing batches, per data shard this process serves (Grain's mp_prefetch); 0: a thread of
+  # the training process. The batches are the same for any number (docs/PERF.md, "Input pipeline").
+  data.workers = 0
   data.shards = 0  # data shards packed independently (0 = one per process); fix it to change process counts
   data.synthetic_train_size = 20000
   data.synthetic_eval_size = 500

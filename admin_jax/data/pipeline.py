@@ -1,13 +1,14 @@
 """Training batches packed to a token budget, and padded batches for evaluation.
 
-Training packs several sentence pairs into each row (grain's first-fit
-packing) so that a batch spends its compute on tokens, not padding, and a fixed
-[rows, max_len] shape means one compilation. A pair occupies one row on both
-sides, with the same segment id, so the decoder's cross-attention can be
-masked to its own source.
+Training packs several sentence pairs into each row (admin_jax/data/packing.py) so that a batch
+spends its compute on tokens, not padding, and a fixed [rows, max_len] shape means one
+compilation. The corpus is tokenized once, at start (admin_jax/data/tokenized.py); packing
+decisions take lengths only, in `data.workers` worker processes (Grain's `mp_prefetch`) or, with
+none, in a thread of the training process.
 """
 
-from typing import Callable, Iterator
+import math
+from typing import Iterator
 
 from absl import logging
 import grain
@@ -15,45 +16,85 @@ import ml_collections
 import numpy as np
 
 from admin_jax.data import corpora
+from admin_jax.data import packing
+from admin_jax.data import tokenized
 from admin_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from admin_jax.errors import UserError
 
-Batch = dict[str, np.ndarray]
-_FEATURES = ('inputs', 'targets')
+Batch = packing.Batch
+# Batches' worth of pairs packed together. Bigger windows pack tighter (the window's last batch
+# is part empty, and sorting has more pairs to fill gaps with) but take longer to the first batch.
+WINDOW_BATCHES = 64
+_ENDLESS = 1 << 40  # windows in a stream's Grain dataset: far more than any run reads
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class WindowPacker:
+  """Packs window g of a shard's endless sequence of windows, epoch after epoch: Grain maps it.
+
+  Epoch e reshuffles the global order with a seed derived from (seed, e); shard s takes every
+  shard_count-th pair of that order from the s-th on, and cuts its pairs into windows of
+  `window_pairs`. Windows never cross an epoch, so epochs stay exact. It holds the lengths only,
+  so worker processes receive it cheaply.
+  """
+
+  def __init__(self, lengths: dict[str, np.ndarray], *, seed: int, shard: int, shards: int, max_len: int,
+               rows: int, window_pairs: int):
+    self.lengths = lengths
+    self.seed, self.shard, self.shards = seed, shard, shards
+    self.max_len, self.rows, self.window_pairs = max_len, rows, window_pairs
+    self.shard_size = len(range(shard, len(lengths[packing.FEATURES[0]]), shards))
+    self.windows_per_epoch = math.ceil(self.shard_size / window_pairs)
+    self._order = (-1, None)  # (epoch, this shard's pairs in that epoch's order): one epoch cached
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, '_order': (-1, None)}  # the cached order stays out of the workers' pickle
+
+  def __call__(self, index: int) -> tuple[int, int, packing.WindowLayout]:
+    """(epoch, window within it, layout) of window `index` of the endless sequence."""
+    epoch, window = divmod(index, self.windows_per_epoch)
+    if self._order[0] != epoch:
+      num_pairs = len(self.lengths[packing.FEATURES[0]])
+      self._order = (epoch, np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(num_pairs)[
+          self.shard::self.shards])
+    pairs = self._order[1][window * self.window_pairs:(window + 1) * self.window_pairs]
+    rng = np.random.default_rng([epoch_seed(self.seed, epoch), window])
+    return epoch, window, packing.pack_window(pairs, self.lengths, max_len=self.max_len, rows=self.rows, rng=rng)
 
 
 class ShardStream:
-  """Endless packed rows, epoch after epoch, from one data shard.
+  """Endless packed batches, epoch after epoch, from one data shard.
 
-  Each epoch is its own grain pipeline: the global order is reshuffled with a
-  seed derived from (seed, epoch), shard s takes every shard_count-th example
-  of that order from the s-th on, and only then tokenizes, so no process
-  tokenizes another's examples. The last batch of an epoch is padded
-  with empty rows rather than mixed with the next epoch, so epochs stay exact.
-
-  Pairs too long for max_len are filtered inside the pipeline; the iterator
-  counts them as the shard's size minus the pairs it has packed (read back
-  from the segment ids), which needs no side channel and survives a resume.
+  The position is (epoch, window, batch within the window): a resume packs that window again
+  and skips the batches already served, so the state is small and independent of the workers.
+  The last batch of each window is topped up with empty rows rather than mixed with the next
+  window, so epochs stay exact. Pairs too long for max_len are counted as they are packed.
   """
 
-  def __init__(self, make_epoch: Callable[[int], grain.DatasetIterator], *,
-               shard_size: int, shard_index: int, shard_count: int):
-    self._make_epoch = make_epoch
-    self._shard_size = shard_size
-    self._shard = (shard_index, shard_count)
+  def __init__(self, packer: WindowPacker, corpus: tokenized.TokenizedPairs, *, workers: int, prefetch: int):
+    self._packer = packer
+    self._corpus = corpus
+    self._workers, self._prefetch = workers, prefetch
     self._epoch = 0
     self._packed_in_epoch = 0  # Pairs yielded so far in this epoch.
+    self._dropped_in_epoch = 0  # Pairs dropped for length in this epoch's windows before the current one.
     self._dropped = 0  # Pairs dropped for length in completed epochs.
-    self._epoch_iter = make_epoch(0)
+    self._window, self._batch = 0, 0  # the position of the next batch
+    self._layout = None  # the current window's, once packing has started
+    self._windows = None
 
   @property
   def epoch(self) -> int:
+    """The epoch of the last batch yielded (0 before the first)."""
     return self._epoch
 
   @property
   def shard(self) -> tuple[int, int]:
     """(index, count) of this stream's data shard."""
-    return self._shard
+    return self._packer.shard, self._packer.shards
 
   @property
   def num_dropped(self) -> int:
@@ -64,54 +105,86 @@ class ShardStream:
     return self
 
   def __next__(self) -> Batch:
-    while (batch := next(self._epoch_iter, None)) is None:
-      self._end_epoch()
-    return self._count(batch)
+    self._start()
+    while self._batch >= self._layout.num_batches:
+      self._load_next_window()
+    return self._take()
 
   def one_epoch(self) -> Iterator[Batch]:
     """Yields the rest of the current epoch, then stops at the start of the next."""
-    for batch in self._epoch_iter:
-      yield self._count(batch)
-    self._end_epoch()
+    self._start()
+    epoch = self._epoch
+    while True:
+      if self._batch < self._layout.num_batches:
+        yield self._take()
+        continue
+      self._load_next_window()
+      if self._epoch != epoch:
+        return
 
   def get_state(self) -> dict:
     """A JSON-serialisable position: set_state() on a fresh iterator resumes exactly here."""
-    return {'epoch': self._epoch, 'packed_in_epoch': self._packed_in_epoch,
-            'dropped': self._dropped, 'shard': list(self._shard),
-            'grain': self._epoch_iter.get_state()}
+    return {'epoch': self._epoch, 'window': self._window, 'batch': self._batch,
+            'packed_in_epoch': self._packed_in_epoch, 'dropped_in_epoch': self._dropped_in_epoch,
+            'dropped': self._dropped, 'shard': list(self.shard)}
 
   def set_state(self, state: dict) -> None:
-    if tuple(state['shard']) != self._shard:
+    if tuple(state['shard']) != self.shard:
       raise UserError(f'data iterator state is for shard {state["shard"][0]} of {state["shard"][1]}, '
-                      f'not {self._shard[0]} of {self._shard[1]}: resume with the same data.shards')
-    self._epoch_iter.close()
-    self._epoch = state['epoch']
+                      f'not {self.shard[0]} of {self.shard[1]}: resume with the same data.shards')
+    if 'window' not in state:
+      raise UserError('the data iterator state was saved by an earlier version of the input pipeline, '
+                      'which packed other batches: start a new --workdir')
+    if self._layout is None or (state['epoch'], state['window']) != (self._epoch, self._window):
+      self.close()  # else the window is at hand and packing goes on
+      self._layout = self._windows = None
+    self._epoch, self._window, self._batch = state['epoch'], state['window'], state['batch']
     self._packed_in_epoch = state['packed_in_epoch']
+    self._dropped_in_epoch = state['dropped_in_epoch']
     self._dropped = state['dropped']
-    self._epoch_iter = self._make_epoch(self._epoch)
-    self._epoch_iter.set_state(state['grain'])
 
   def close(self) -> None:
-    """Stops the prefetch threads."""
-    self._epoch_iter.close()
+    """Stops the packing thread or worker processes."""
+    if self._windows is not None:
+      self._windows.close()
 
-  def _count(self, batch: Batch) -> Batch:
-    # Segment ids run 1..k in a row, so a row's maximum is its number of pairs.
-    self._packed_in_epoch += int(batch['inputs_segmentation'].max(axis=1).sum())
+  def _start(self) -> None:
+    """Starts packing at the current position (at the first batch, or after set_state) and loads its window."""
+    if self._layout is not None:
+      return
+    windows = (grain.MapDataset.range(self._epoch * self._packer.windows_per_epoch + self._window, _ENDLESS)
+               .map(self._packer).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    if self._workers:
+      windows = windows.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
+                                                                 per_worker_buffer_size=self._prefetch))
+    else:
+      windows = grain.experimental.ThreadPrefetchIterDataset(windows, prefetch_buffer_size=self._prefetch)
+    self._windows = iter(windows)
+    _, _, self._layout = next(self._windows)
+
+  def _load_next_window(self) -> None:
+    self._dropped_in_epoch += self._layout.dropped
+    epoch, self._window, self._layout = next(self._windows)
+    if epoch != self._epoch:
+      self._end_epoch()
+    self._batch = 0
+
+  def _take(self) -> Batch:
+    batch = packing.materialize(self._layout, self._batch, self._corpus.ids, self._corpus.offsets,
+                                rows=self._packer.rows, max_len=self._packer.max_len)
+    self._packed_in_epoch += int(self._layout.bounds[self._batch + 1] - self._layout.bounds[self._batch])
+    self._batch += 1
     return batch
 
   def _end_epoch(self) -> None:
     if not self._packed_in_epoch:  # Else __next__ would start empty epochs forever.
-      raise UserError(f'No training pair fits data.max_len in data shard {self._shard[0]} '
-                      f'({self._shard_size} pairs in its shard, all too long)')
-    dropped = self._shard_size - self._packed_in_epoch
-    logging.info('Epoch %d: dropped %d of %d training pairs longer than max_len '
-                 '(shard %d of %d)', self._epoch, dropped, self._shard_size, *self._shard)
-    self._dropped += dropped
+      raise UserError(f'No training pair fits data.max_len in data shard {self.shard[0]} '
+                      f'({self._packer.shard_size} pairs in its shard, all too long)')
+    logging.info('Epoch %d: dropped %d of %d training pairs longer than max_len (shard %d of %d)',
+                 self._epoch, self._dropped_in_epoch, self._packer.shard_size, *self.shard)
+    self._dropped += self._dropped_in_epoch
     self._epoch += 1
-    self._packed_in_epoch = 0
-    self._epoch_iter.close()
-    self._epoch_iter = self._make_epoch(self._epoch)
+    self._packed_in_epoch = self._dropped_in_epoch = 0
 
 
 class TrainIterator:
@@ -177,7 +250,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, s
                    process_index: int, process_count: int) -> TrainIterator:
   """This process's share of the packed training batches; `seed` must match across processes.
 
-  `data.shards` (0: one per process) fixes how the data is split, independently of processes.
+  `data.shards` (0: one per process) fixes how the data is split, independently of processes;
+  `data.workers` packs in that many worker processes per shard stream.
   """
   data = config.data
   max_len = data.max_len
@@ -189,46 +263,24 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, s
     raise UserError(f'data.tokens_per_batch // data.max_len = {data.tokens_per_batch} // '
                     f'{max_len} = {global_rows} rows per batch, which must be a positive '
                     f'multiple of the {shards} data shards (one per process unless data.shards is set)')
+  if data.workers < 0 or data.prefetch < 1:
+    raise UserError(f'data.workers must be >= 0 and data.prefetch >= 1, got {data.workers} and {data.prefetch}')
   rows = global_rows // shards
-  pairs = corpora.load_pairs(config, 'train')
-  source = grain.MapDataset.source(pairs)
-
-  def tokenize(pair: tuple[str, str]) -> Batch:
-    return {k: np.asarray(tokenizer.encode(text), np.int32) for k, text in zip(_FEATURES, pair)}
-
-  def fits(example: Batch) -> bool:
-    return len(example['inputs']) <= max_len and len(example['targets']) <= max_len
+  corpus = tokenized.tokenize_pairs(corpora.load_pairs(config, 'train'), tokenizer)
+  lengths = corpus.lengths()
+  longer = np.maximum(*lengths.values())
+  if not np.any(longer <= max_len):
+    raise UserError(f'No training pair fits data.max_len={max_len} (the shortest has {longer.min()} tokens)')
+  # Enough pairs to fill WINDOW_BATCHES batches, at the corpus's mean pair length.
+  window_pairs = max(1, int(WINDOW_BATCHES * rows * max_len / longer[longer <= max_len].mean()))
 
   def stream(shard: int) -> ShardStream:
-    def make_epoch(epoch: int) -> grain.DatasetIterator:
-      epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-      # Tokenizing in grain's read threads measured slower than in the one prefetch
-      # thread below (per-element future bookkeeping); packing is the bottleneck anyway.
-      ds = (source.shuffle(seed=epoch_seed)[shard::shards]
-            .map(tokenize).filter(fits)
-            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-      ds = grain.experimental.FirstFitPackIterDataset(
-          ds, length_struct={k: max_len for k in _FEATURES}, num_packing_bins=rows,
-          seed=epoch_seed)
-      ds = ds.batch(rows).map(lambda batch: _rename_and_pad(batch, rows))
-      return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch))
-
-    return ShardStream(make_epoch, shard_size=len(range(shard, len(pairs), shards)),
-                       shard_index=shard, shard_count=shards)
+    packer = WindowPacker(lengths, seed=seed, shard=shard, shards=shards, max_len=max_len, rows=rows,
+                          window_pairs=window_pairs)
+    return ShardStream(packer, corpus, workers=data.workers, prefetch=data.prefetch)
 
   per_process = shards // process_count
   return TrainIterator([stream(s) for s in range(process_index * per_process, (process_index + 1) * per_process)])
-
-
-def _rename_and_pad(batch: Batch, rows: int) -> Batch:
-  """Grain's packed names to the model's; an epoch's short last batch gets empty rows."""
-  out = {}
-  for k in _FEATURES:
-    for suffix, grain_suffix in (('', ''), ('_segmentation', '_segment_ids'),
-                                 ('_position', '_positions')):
-      x = batch[k + grain_suffix].astype(np.int32)
-      out[k + suffix] = np.pad(x, ((0, rows - len(x)), (0, 0)))
-  return out
 
 
 def eval_batches(sources: list[str], tokenizer: Tokenizer, *, batch_size: int, max_len: int,
