@@ -11,6 +11,9 @@ and reports compile time and XLA's memory plan against the card's memory instead
 `peak_memory_bytes` from the device's allocator is the process's peak so far, so with several
 presets in one process a later preset reports at least the earlier ones' peak; run one preset
 per process (as benchmarks/gpu_bench.sh does) for exact figures.
+
+`--input --config=configs/X.py [--config.a.b=v ...]` times the input pipeline alone instead
+(admin_jax/data/throughput.py), at the config's shapes and data.workers.
 """
 
 import collections
@@ -35,6 +38,7 @@ from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax import traffic
+from admin_jax.data import throughput
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from admin_jax.special_tokens import UNK_ID
@@ -92,6 +96,8 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the
 _TARGET = flags.DEFINE_enum('target', None, list(deviceless.TARGETS),
                             'Compile only, for this GPU (which this machine need not have): report compile time '
                             'and memory, time no step.')
+_INPUT = flags.DEFINE_bool('input', False, 'Time the training input pipeline alone instead, at --config\'s shapes '
+                           'and data.workers (admin_jax/data/throughput.py).')
 flags.register_multi_flags_validator(
     ['unrolled_encoder_layers', 'unrolled_decoder_layers', 'scan_layers'],
     lambda f: f['scan_layers'] or not (f['unrolled_encoder_layers'] or f['unrolled_decoder_layers']),
@@ -357,6 +363,9 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 
 def main(argv):
   del argv
+  if _INPUT.value:
+    print(json.dumps(throughput.measure(cli.load_config(), cli.WORKDIR.value or '')), flush=True)
+    return
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,
                     attention_impl=_ATTENTION_IMPL.value, scan_layers=_SCAN_LAYERS.value,
                     unrolled_encoder_layers=_UNROLLED_ENCODER_LAYERS.value,

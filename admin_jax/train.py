@@ -177,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = config.train.num_steps
   window = []
   window_start = time.perf_counter()
+  data_wait = 0.0  # seconds of the window spent waiting for the next batch
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
   step = start_step
   preempted = False
@@ -188,7 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.update(1)
     data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
     if step < num_steps:
+      fetch_start = time.perf_counter()
       micro_batches = sharding.global_batch(stack_micro_batches(train_iter, accum), mesh, micro_batched=True)
+      data_wait += time.perf_counter() - fetch_start
 
     if step % config.train.log_every_steps == 0 or step == num_steps:
       fetched = jax.device_get(window)
@@ -202,9 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 'grad_norm': float(fetched[-1]['grad_norm']), 'tokens_per_sec': tokens / seconds,
                 'tflops_per_device': tflops, 'mfu': tflops / peak,
                 'skipped_steps': int(state.skipped_steps)}
+      record['data_wait_fraction'] = data_wait / seconds  # near 1: the input pipeline, not the step, sets the pace
       writer.write(step, record)
       progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tokens / seconds:,.0f}')
       window, window_start = [], time.perf_counter()
+      data_wait = 0.0
       if not all(bool(m['finite']) for m in fetched) and int(state.bad_steps) >= config.train.max_bad_steps:
         progress.close()  # else the error would share the progress bar's line
         checkpoints.wait()

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -337,3 +338,39 @@ def test_configs_encode_the_recipes(name, arg, layers, residual):
   if name.startswith(('wmt', 'iwslt')):
     assert config.train.optimizer == 'radam' and config.train.warmup_init_lr == 1e-7
     assert config.train.label_smoothing == 0.1 and config.train.clip_norm == 0.0
+
+
+def test_train_logs_the_fraction_of_time_it_waits_for_data(tmp_path, monkeypatch):
+  """data_wait_fraction: near 0 while the pipeline keeps up with a fast step, near 1 once it is
+  slowed on purpose (by 0.4 s a batch from the second log window on)."""
+  from admin_jax import metrics
+  from admin_jax.data import pipeline
+
+  config = demo.get_config()
+  config.model.update(residual='pre_ln', d_model=32, ffn_dim=64, num_heads=2, num_encoder_layers=1,
+                      num_decoder_layers=1)  # pre_ln: no profiling pass to compile
+  config.data.update(synthetic_train_size=500, synthetic_eval_size=8, tokens_per_batch=256, max_len=32,
+                     vocab_size=300)
+  config.train.update(num_steps=8, log_every_steps=4)
+  config.checkpoint.every_steps = 0
+  config.eval.every_steps = -1
+  real_iterator = pipeline.train_iterator
+  fast_batches = 1 + 4  # the first batch, then one fetched after each step of the first window
+
+  class Slowed:
+    def __init__(self, iterator):
+      self.iterator, self.fetched = iterator, 0
+
+    def __next__(self):
+      self.fetched += 1
+      if self.fetched > fast_batches:
+        time.sleep(0.4)
+      return next(self.iterator)
+
+    def __getattr__(self, name):
+      return getattr(self.iterator, name)
+
+  monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: Slowed(real_iterator(*a, **k)))
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  waits = [r['data_wait_fraction'] for r in metrics.read_metrics(str(tmp_path)) if 'data_wait_fraction' in r]
+  assert len(waits) == 2 and waits[0] < 0.2 and waits[1] > 0.8, waits
