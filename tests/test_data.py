@@ -185,6 +185,16 @@ def test_pretokenized_tokenizer_keeps_bpe_units(tmp_path):
       assert len(ids) == len(s.split()) + 1  # One id per BPE unit.
 
 
+def test_tokenizer_training_names_a_misaligned_corpus(tmp_path):
+  """SentencePiece reads the corpus as a stream; a bad file is still the corpus's one-line error."""
+  _write(tmp_path / 'c.en', 'a b\nc d\ne\n')
+  _write(tmp_path / 'c.de', 'x\ny\n')
+  config = default.get_config()
+  config.data.update(dict(source='text', train=str(tmp_path / 'c'), vocab_size=100))
+  with pytest.raises(UserError, match=r'^Line counts differ: .*c\.en has 3 lines, .*c\.de has 2$'):
+    tokenizer.load_or_train_tokenizer(config, str(tmp_path / 'workdir'))
+
+
 def test_tokenizer_is_reused_from_workdir(tmp_path, synthetic_tokenizer):
   config = _synthetic_config()
   first = tokenizer.load_or_train_tokenizer(config, str(tmp_path))

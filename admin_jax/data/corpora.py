@@ -6,8 +6,10 @@ here, once, with a message that names the file and line to fix.
 """
 
 import gzip
+import itertools
 import lzma
 from pathlib import Path
+from typing import Iterator
 
 import ml_collections
 
@@ -46,22 +48,30 @@ def read_lines(path: str | Path) -> list[str]:
 def load_pairs(config: ml_collections.ConfigDict,
                split: str) -> list[tuple[str, str]]:
   """Returns the (source, target) pairs of `split` ('train', 'valid' or 'test')."""
+  return list(stream_pairs(config, split))
+
+
+def stream_pairs(config: ml_collections.ConfigDict, split: str) -> Iterator[tuple[str, str]]:
+  """The pairs of `split` one after another: text files and TFDS are read as they are consumed, so
+  a consumer that keeps less than the strings (tokenizer training's sample, token arrays) never
+  holds the whole corpus as Python strings."""
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   data = config.data
   if data.source == 'synthetic':
-    return synthetic.load_split(split, data.synthetic_train_size, data.synthetic_eval_size)
+    return iter(synthetic.load_split(split, data.synthetic_train_size, data.synthetic_eval_size))
   if data.source == 'text':
     return _text_pairs(data[split], data.src_lang, data.tgt_lang)
   if data.source == 'tfds':
     from admin_jax.data import tfds_corpus  # Keeps TensorFlow out of the other paths.
-    return tfds_corpus.load_pairs(data.tfds_name, data.tfds_data_dir, data[split],
-                                  data.src_lang, data.tgt_lang)
+    return tfds_corpus.stream_pairs(data.tfds_name, data.tfds_data_dir, data[split],
+                                    data.src_lang, data.tgt_lang)
   raise UserError(f"data.source must be 'synthetic', 'text' or 'tfds', got {data.source!r}")
 
 
-def _text_pairs(prefix: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
-  """Reads PREFIX.SRC and PREFIX.TGT (each possibly .gz/.xz), aligned line by line."""
+def _text_pairs(prefix: str, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
+  """PREFIX.SRC and PREFIX.TGT (each possibly .gz/.xz), aligned line by line; the files are checked
+  before the first pair, their alignment as they are read."""
   if not prefix:
     raise UserError('Empty corpus prefix: set data.train/valid/test to a path prefix')
   src_path, tgt_path = _find(prefix, src_lang), _find(prefix, tgt_lang)
@@ -71,13 +81,34 @@ def _text_pairs(prefix: str, src_lang: str, tgt_lang: str) -> list[tuple[str, st
   for path, lang in ((src_path, src_lang), (tgt_path, tgt_lang)):
     if path is None:
       raise UserError(f'Missing corpus file {prefix}.{lang} (nor .gz/.xz) for prefix {prefix}')
-  src, tgt = read_lines(src_path), read_lines(tgt_path)
-  if len(src) != len(tgt):
-    raise UserError(f'Line counts differ: {src_path} has {len(src)} lines, '
-                    f'{tgt_path} has {len(tgt)}')
-  if not src:
+  return _aligned(src_path, tgt_path)
+
+
+def _aligned(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
+  src, tgt = _stream_lines(src_path), _stream_lines(tgt_path)
+  count = 0
+  for count, pair in enumerate(itertools.zip_longest(src, tgt), 1):
+    if None in pair:
+      src_count, tgt_count = (count - 1 + (pair[0] is not None) + sum(1 for _ in src),
+                              count - 1 + (pair[1] is not None) + sum(1 for _ in tgt))
+      raise UserError(f'Line counts differ: {src_path} has {src_count} lines, {tgt_path} has {tgt_count}')
+    yield pair
+  if not count:
     raise UserError(f'Empty corpus: {src_path} and {tgt_path} have no lines')
-  return list(zip(src, tgt))
+
+
+def _stream_lines(path: Path) -> Iterator[str]:
+  """read_lines one line at a time: split on '\\n' only, stripped, a bad byte named by its line."""
+  opener = _OPENERS.get(path.suffix, open)
+  number = 0
+  try:
+    with opener(path, 'rb') as f:
+      for number, line in enumerate(f, 1):
+        yield line.decode('utf-8').strip()
+  except (OSError, EOFError, lzma.LZMAError) as e:
+    raise UserError(f'Cannot read {path}: {e}') from e
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path}: invalid UTF-8 on line {number}') from e
 
 
 def _find(prefix: str, lang: str) -> Path | None:

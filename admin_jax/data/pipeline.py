@@ -266,7 +266,7 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, s
   if data.workers < 0 or data.prefetch < 1:
     raise UserError(f'data.workers must be >= 0 and data.prefetch >= 1, got {data.workers} and {data.prefetch}')
   rows = global_rows // shards
-  corpus = tokenized.tokenize_pairs(corpora.load_pairs(config, 'train'), tokenizer)
+  corpus = tokenized.tokenize_pairs(corpora.stream_pairs(config, 'train'), tokenizer)
   lengths = corpus.lengths()
   longer = np.maximum(*lengths.values())
   if not np.any(longer <= max_len):

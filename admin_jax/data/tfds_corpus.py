@@ -6,6 +6,8 @@ downloaded here: with many processes that would race, and training machines
 are often offline, so an unprepared dataset is a UserError saying how to build it.
 """
 
+from typing import Iterator
+
 from absl import logging
 
 from admin_jax.errors import UserError
@@ -13,9 +15,10 @@ from admin_jax.errors import UserError
 _READ_BATCH = 4096  # Sentences per tf.data batch; one-by-one iteration is ~10x slower.
 
 
-def load_pairs(name: str, data_dir: str, split: str, src_lang: str,
-               tgt_lang: str) -> list[tuple[str, str]]:
-  """Returns the (src_lang, tgt_lang) sentence pairs of `split` of TFDS dataset `name`."""
+def stream_pairs(name: str, data_dir: str, split: str, src_lang: str,
+                 tgt_lang: str) -> Iterator[tuple[str, str]]:
+  """The (src_lang, tgt_lang) sentence pairs of `split` of TFDS dataset `name`, read as consumed;
+  the dataset is checked before the first."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or None
   try:
@@ -35,14 +38,18 @@ def load_pairs(name: str, data_dir: str, split: str, src_lang: str,
                       'first') from e
     raise UserError(f'TFDS dataset {name} has no split {split!r} '
                     f'(splits: {", ".join(builder.info.splits)}): {_first_line(e)}') from e
-  pairs = []
-  for batch in tfds.as_numpy(ds.batch(_READ_BATCH)):
-    pairs.extend((s.decode('utf-8').strip(), t.decode('utf-8').strip())
-                 for s, t in zip(batch[src_lang], batch[tgt_lang]))
-  if not pairs:
-    raise UserError(f'Empty corpus: TFDS {name} split {split!r} has no examples')
-  logging.info('Read %d pairs from TFDS %s[%s]', len(pairs), name, split)
-  return pairs
+  return _read(tfds.as_numpy(ds.batch(_READ_BATCH)), f'TFDS {name}[{split}]', src_lang, tgt_lang)
+
+
+def _read(batches, what: str, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
+  count = 0
+  for batch in batches:
+    for s, t in zip(batch[src_lang], batch[tgt_lang]):
+      count += 1
+      yield s.decode('utf-8').strip(), t.decode('utf-8').strip()
+  if not count:
+    raise UserError(f'Empty corpus: {what} has no examples')
+  logging.info('Read %d pairs from %s', count, what)
 
 
 def _first_line(e: Exception) -> str:

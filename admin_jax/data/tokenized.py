@@ -8,6 +8,7 @@ Python string per sentence, and lets packing work on lengths and batching gather
 
 import dataclasses
 import itertools
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -35,15 +36,15 @@ class TokenizedPairs:
     return sum(a.nbytes for a in (*self.ids.values(), *self.offsets.values()))
 
 
-def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> TokenizedPairs:
-  """Both sides of every pair, encoded in chunks, so no list of all token lists is ever held."""
+def tokenize_pairs(pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer) -> TokenizedPairs:
+  """Both sides of every pair, read and encoded a chunk at a time: neither all the strings nor all the
+  token lists are ever held, only the arrays."""
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
   chunks = {k: [] for k in FEATURES}
   lengths = {k: [] for k in FEATURES}
-  with tqdm(total=len(pairs), unit='pair', desc='tokenizing', leave=False,
-            disable=len(pairs) < 10 * _CHUNK) as progress:
-    for start in range(0, len(pairs), _CHUNK):
-      chunk = pairs[start:start + _CHUNK]
+  pairs = iter(pairs)
+  with tqdm(unit='pair', desc='tokenizing the training pairs', leave=False) as progress:
+    while chunk := list(itertools.islice(pairs, _CHUNK)):
       for side, k in enumerate(FEATURES):
         encoded = tokenizer.encode_batch([pair[side] for pair in chunk])
         lengths[k].append(np.fromiter(map(len, encoded), np.int64, len(encoded)))

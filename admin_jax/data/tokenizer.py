@@ -97,18 +97,27 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
 def _train(config: ml_collections.ConfigDict) -> bytes:
   """Trains on both sides of the training pairs; returns the serialized model."""
   data = config.data
-  pairs = corpora.load_pairs(config, 'train')
   if data.pretokenized:
     options = dict(model_type='word', normalization_rule_name='identity',
                    max_sentencepiece_length=512, split_by_number=False,
                    split_by_unicode_script=False)
   else:
     options = dict(model_type=data.spm_model_type)
+  corpus_errors = []  # a bad corpus file, found while SentencePiece reads, which wraps it in its own error
+
+  def sentences():
+    try:
+      for pair in corpora.stream_pairs(config, 'train'):
+        yield from pair
+    except UserError as error:
+      corpus_errors.append(error)
+      raise
+
   model = io.BytesIO()
   start = time.time()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=(s for pair in pairs for s in pair),
+        sentence_iterator=sentences(),  # streamed: SentencePiece keeps a sample of input_sentence_size
         model_writer=model,
         vocab_size=data.vocab_size,
         # A small corpus gets a smaller vocabulary instead of an error.
@@ -121,6 +130,8 @@ def _train(config: ml_collections.ConfigDict) -> bytes:
         minloglevel=2,
         **options)
   except RuntimeError as e:
+    if corpus_errors:
+      raise corpus_errors[0] from None
     reason = str(e).strip().partition('\n')[0]
     raise UserError(f'SentencePiece training failed: {reason}') from e
   logging.info('Trained a %s SentencePiece model in %.1fs', options['model_type'],
