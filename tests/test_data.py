@@ -425,3 +425,19 @@ def test_tfds_unprepared_dataset_is_a_user_error(tmp_path):
   config.data.tfds_data_dir = str(tmp_path)
   with pytest.raises(UserError, match='is not prepared'):
     corpora.load_pairs(config, 'train')
+
+
+def test_bench_input_prints_the_pipeline_rate_at_the_config_shapes(tmp_path):
+  import subprocess
+  import sys
+  repo = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, '-m', 'admin_jax.bench', '--input', '--config=configs/demo.py',
+                        f'--workdir={tmp_path}', '--config.data.synthetic_train_size=2000',
+                        '--config.data.vocab_size=300', '--config.data.tokens_per_batch=512',
+                        '--config.data.max_len=32', '--config.data.prefetch=1'],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  record = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (record['rows'], record['max_len'], record['workers']) == (16, 32, 0)
+  assert record['input_tokens_per_sec'] > 0 and 0 <= record['padding_fraction'] < 0.5
+  assert record['timed_batches'] > 0

@@ -28,7 +28,7 @@ WINDOW_BATCHES = 64
 _ENDLESS = 1 << 40  # windows in a stream's Grain dataset: far more than any run reads
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
+def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
@@ -58,10 +58,10 @@ class WindowPacker:
     epoch, window = divmod(index, self.windows_per_epoch)
     if self._order[0] != epoch:
       num_pairs = len(self.lengths[packing.FEATURES[0]])
-      self._order = (epoch, np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(num_pairs)[
+      self._order = (epoch, np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(num_pairs)[
           self.shard::self.shards])
     pairs = self._order[1][window * self.window_pairs:(window + 1) * self.window_pairs]
-    rng = np.random.default_rng([epoch_seed(self.seed, epoch), window])
+    rng = np.random.default_rng([_epoch_seed(self.seed, epoch), window])
     return epoch, window, packing.pack_window(pairs, self.lengths, max_len=self.max_len, rows=self.rows, rng=rng)
 
 
