@@ -67,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Worker processes packing batches, per data shard this process serves (Grain's mp_prefetch); 0: a thread of
   # the training process. The batches are the same for any number (docs/PERF.md, "Input pipeline").
   data.workers = 0
+  # A local directory where the tokenized training corpus is written once per vocabulary and corpus, and read
+  # (memory-mapped) by later runs instead of tokenizing at every start; '' = tokenize at every start.
+  data.token_cache = ''
   data.shards = 0  # data shards packed independently (0 = one per process); fix it to change process counts
   data.synthetic_train_size = 20000
   data.synthetic_eval_size = 500

@@ -316,6 +316,33 @@ def test_workers_give_the_same_batches_and_resume_exactly(synthetic_tokenizer):
   resumed.close()
 
 
+def test_token_cache_is_written_once_and_read_back(synthetic_tokenizer, tmp_path, monkeypatch):
+  cache = tmp_path / 'cache'
+  config = _synthetic_config(synthetic_train_size=300, token_cache=str(cache))
+  first = _iterator(config, synthetic_tokenizer, seed=3)
+  expected = _take(first, 4)
+  first.close()
+  assert [p.name.startswith('tokens-') for p in cache.iterdir()] == [True]
+  monkeypatch.setattr(tokenized, 'tokenize_pairs', lambda *args: pytest.fail('tokenized again'))
+  again = _iterator(config, synthetic_tokenizer, seed=3)
+  _assert_batches_equal(_take(again, 4), expected)
+  again.close()
+  monkeypatch.undo()
+  config.data.synthetic_train_size = 301  # another corpus: other arrays, beside the first
+  _iterator(config, synthetic_tokenizer, seed=3).close()
+  assert len(list(cache.iterdir())) == 2
+
+
+def test_an_edited_text_corpus_is_another_corpus_for_the_cache(tmp_path):
+  _write(tmp_path / 'a.en', 'hello world\n')
+  _write(tmp_path / 'a.de', 'hallo welt\n')
+  config = default.get_config()
+  config.data.update(dict(source='text', train=str(tmp_path / 'a')))
+  before = corpora.describe(config, 'train')
+  _write(tmp_path / 'a.de', 'hallo, welt\n')
+  assert corpora.describe(config, 'train') != before
+
+
 def test_rows_must_divide_over_processes(synthetic_tokenizer):
   with pytest.raises(UserError, match='multiple of the 3 data shards'):
     _iterator(_synthetic_config(), synthetic_tokenizer, process_count=3)

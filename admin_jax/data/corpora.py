@@ -69,6 +69,21 @@ def stream_pairs(config: ml_collections.ConfigDict, split: str) -> Iterator[tupl
   raise UserError(f"data.source must be 'synthetic', 'text' or 'tfds', got {data.source!r}")
 
 
+def describe(config: ml_collections.ConfigDict, split: str) -> dict:
+  """What identifies `split`'s pairs: the config keys that choose them and, for text files, each
+  file's path, size and modification time, so that an edited file is a different corpus."""
+  data = config.data
+  keys = {'text': ('train', 'src_lang', 'tgt_lang'), 'tfds': ('tfds_name', 'tfds_data_dir', 'src_lang', 'tgt_lang'),
+          'synthetic': ('synthetic_train_size', 'synthetic_eval_size')}[data.source]
+  described = {'source': data.source, 'split': data[split] if data.source != 'synthetic' else split,
+               **{k: data[k] for k in keys}}
+  if data.source == 'text':
+    for lang in (data.src_lang, data.tgt_lang):
+      path = _find(data[split], lang)
+      described[lang] = [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path else None
+  return described
+
+
 def _text_pairs(prefix: str, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
   """PREFIX.SRC and PREFIX.TGT (each possibly .gz/.xz), aligned line by line; the files are checked
   before the first pair, their alignment as they are read."""

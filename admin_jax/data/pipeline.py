@@ -266,7 +266,8 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, s
   if data.workers < 0 or data.prefetch < 1:
     raise UserError(f'data.workers must be >= 0 and data.prefetch >= 1, got {data.workers} and {data.prefetch}')
   rows = global_rows // shards
-  corpus = tokenized.tokenize_pairs(corpora.stream_pairs(config, 'train'), tokenizer)
+  corpus = tokenized.load_or_tokenize(lambda: corpora.stream_pairs(config, 'train'), tokenizer,
+                                     cache_dir=data.token_cache, corpus=corpora.describe(config, 'train'))
   lengths = corpus.lengths()
   longer = np.maximum(*lengths.values())
   if not np.any(longer <= max_len):

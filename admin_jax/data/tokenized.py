@@ -1,14 +1,20 @@
-"""The training corpus as token arrays, tokenized once when training starts.
+"""The training corpus as token arrays, tokenized once.
 
-fairseq binarizes its corpus once and then reads token arrays; this pipeline does the same in
-memory: each side's token ids one sentence after another in one array (uint16 where the
-vocabulary allows), with every sentence's offset. That costs about 2 bytes a token instead of a
-Python string per sentence, and lets packing work on lengths and batching gather from arrays.
+fairseq binarizes its corpus once and then reads token arrays; this pipeline does the same: each
+side's token ids one sentence after another in one array (uint16 where the vocabulary allows),
+with every sentence's offset. That costs about 2 bytes a token instead of a Python string per
+sentence, and lets packing work on lengths and batching gather from arrays. With `data.token_cache`
+the arrays are written once per vocabulary and corpus as .npy files, which later runs map from disk
+instead of tokenizing again.
 """
 
 import dataclasses
+import hashlib
 import itertools
-from typing import Iterable
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -53,3 +59,32 @@ def tokenize_pairs(pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer) -> To
   # One feature at a time, each chunk list dropped once joined: the peak is the arrays and a half, not twice.
   offsets = {k: np.concatenate([[0], np.cumsum(np.concatenate(lengths.pop(k)))]) for k in FEATURES}
   return TokenizedPairs(ids={k: np.concatenate(chunks.pop(k)) for k in FEATURES}, offsets=offsets)
+
+
+def load_or_tokenize(pairs: Callable[[], Iterable[tuple[str, str]]], tokenizer: Tokenizer, *, cache_dir: str,
+                     corpus: dict) -> TokenizedPairs:
+  """The arrays from `cache_dir` if this vocabulary and `corpus` (what identifies it, corpora.describe)
+  were tokenized there before, else `pairs()` tokenized, and written there when `cache_dir` is set."""
+  if not cache_dir:
+    return tokenize_pairs(pairs(), tokenizer)
+  key = hashlib.sha256(tokenizer.model_proto + json.dumps(corpus, sort_keys=True).encode()).hexdigest()[:16]
+  path = Path(cache_dir) / f'tokens-{key}'
+  names = [(field, k) for field in ('ids', 'offsets') for k in FEATURES]
+  if not path.is_dir():
+    arrays = tokenize_pairs(pairs(), tokenizer)
+    partial = path.with_name(f'{path.name}.partial-{os.getpid()}')
+    partial.mkdir(parents=True, exist_ok=True)
+    for field, k in names:
+      np.save(partial / f'{field}-{k}.npy', getattr(arrays, field)[k])
+    (partial / 'corpus.json').write_text(json.dumps(corpus, indent=2, sort_keys=True))
+    try:
+      partial.rename(path)  # whole, or not at all: a reader never sees a part
+    except OSError:  # another process wrote the same arrays first
+      for file in partial.iterdir():
+        file.unlink()
+      partial.rmdir()
+    return arrays
+  loaded = {field: {} for field in ('ids', 'offsets')}
+  for field, k in names:
+    loaded[field][k] = np.load(path / f'{field}-{k}.npy', mmap_mode='r')
+  return TokenizedPairs(**loaded)
