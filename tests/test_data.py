@@ -343,6 +343,19 @@ def test_an_edited_text_corpus_is_another_corpus_for_the_cache(tmp_path):
   assert corpora.describe(config, 'train') != before
 
 
+def test_a_state_from_the_pipeline_before_windows_starts_its_epoch_over(synthetic_tokenizer):
+  config = _synthetic_config(synthetic_train_size=300)
+  fresh = _iterator(config, synthetic_tokenizer, seed=3)
+  list(fresh.one_epoch())
+  expected = next(fresh)
+  fresh.close()
+  resumed = _iterator(config, synthetic_tokenizer, seed=3)
+  resumed.set_state({'shards': [{'epoch': 1, 'packed_in_epoch': 40, 'dropped': 0, 'shard': [0, 1], 'grain': {}}]})
+  _assert_batches_equal([next(resumed)], [expected])
+  assert resumed.epoch == 1
+  resumed.close()
+
+
 def test_rows_must_divide_over_processes(synthetic_tokenizer):
   with pytest.raises(UserError, match='multiple of the 3 data shards'):
     _iterator(_synthetic_config(), synthetic_tokenizer, process_count=3)

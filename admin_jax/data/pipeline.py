@@ -132,9 +132,9 @@ class ShardStream:
     if tuple(state['shard']) != self.shard:
       raise UserError(f'data iterator state is for shard {state["shard"][0]} of {state["shard"][1]}, '
                       f'not {self.shard[0]} of {self.shard[1]}: resume with the same data.shards')
-    if 'window' not in state:
-      raise UserError('the data iterator state was saved by an earlier version of the input pipeline, '
-                      'which packed other batches: start a new --workdir')
+    if 'window' not in state:  # saved by the pipeline before windows, which packed other batches
+      logging.warning('The data iterator state is from an earlier input pipeline: epoch %d starts over', state['epoch'])
+      state = {**state, 'window': 0, 'batch': 0, 'packed_in_epoch': 0, 'dropped_in_epoch': 0}
     if self._layout is None or (state['epoch'], state['window']) != (self._epoch, self._window):
       self.close()  # else the window is at hand and packing goes on
       self._layout = self._windows = None
