@@ -29,20 +29,7 @@ def read_lines(path: str | Path) -> list[str]:
   path = Path(path)
   if not path.is_file():
     raise UserError(f'No such file: {path}')
-  opener = _OPENERS.get(path.suffix, open)
-  try:
-    with opener(path, 'rb') as f:
-      data = f.read()
-  except (OSError, EOFError, lzma.LZMAError) as e:
-    raise UserError(f'Cannot read {path}: {e}') from e
-  try:
-    text = data.decode('utf-8')
-  except UnicodeDecodeError as e:
-    line = data.count(b'\n', 0, e.start) + 1
-    raise UserError(f'{path}: invalid UTF-8 on line {line}') from e
-  if text.endswith('\n'):
-    text = text[:-1]
-  return [line.strip() for line in text.split('\n')] if text else []
+  return list(_stream_lines(path))
 
 
 def load_pairs(config: ml_collections.ConfigDict,
@@ -113,7 +100,7 @@ def _aligned(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
 
 
 def _stream_lines(path: Path) -> Iterator[str]:
-  """read_lines one line at a time: split on '\\n' only, stripped, a bad byte named by its line."""
+  """read_lines' lines one at a time; a bad byte is named by its line."""
   opener = _OPENERS.get(path.suffix, open)
   number = 0
   try:
