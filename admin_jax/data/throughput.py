@@ -1,9 +1,10 @@
 """Times the training input pipeline alone: `python -m admin_jax.bench --input --config=configs/X.py`.
 
 It runs at the config's own shapes (`data.tokens_per_batch`, `data.max_len`) and `data.workers`,
-on one process, with `data.spm_model` or --workdir's spm.model (trained there when absent). Packing runs ahead of the consumer by up to `data.prefetch` windows per worker,
-so the windows ready in those buffers are served first and timed not at all: the rate is the
-pipeline's steady state, over the whole windows after them.
+on one process, with `data.spm_model` or --workdir's spm.model (trained there when absent).
+Packing runs ahead of the consumer by up to `data.prefetch` windows per worker, so the windows
+ready in those buffers are served first and timed not at all: the rate is the pipeline's steady
+state, over the whole windows after them.
 """
 
 import os
