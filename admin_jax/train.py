@@ -90,14 +90,23 @@ def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_ste
     first = next(train_iter)
     train_iter.set_state(position)  # step 0 trains on the same batch
     start = time.perf_counter()
-    omegas = profiling.profile_omegas(setup, state, sharding.global_batch(first, mesh),
-                                      mask_padding=config.admin.mask_padding)
+    batch, rows = profiling.profile_batch(first, config.admin.profile_tokens, mesh)
+    omegas = profiling.profile_omegas(setup, state, batch, mask_padding=config.admin.mask_padding)
     if distributed.is_lead():
-      profiling.write_profile(workdir, omegas, profiling.batch_statistics(first))
+      profiling.write_profile(workdir, omegas, profiling.batch_statistics(rows))
     print(f'profiled omega in {time.perf_counter() - start:.1f}s: encoder '
           f'{omegas["encoder"][0]:.3f}..{omegas["encoder"][-1]:.3f}, decoder '
           f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {epath.Path(workdir) / profiling.OMEGA_JSON}')
   return profiling.with_omegas(setup, state, omegas)
+
+
+def completed_epochs(train_iter: pipeline.TrainIterator) -> int:
+  """Epochs that every data shard, of every process, has finished, counted by the input pipeline.
+
+  Read after fetching a step's batches: it grows at the step after an epoch's last batch, the same
+  way whether or not the run was resumed, since the iterator's position is checkpointed.
+  """
+  return min(distributed.allgather_json(train_iter.epoch))
 
 
 def compile_step(step_fn, state, micro_batches, mesh):
@@ -180,17 +189,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
   step = start_step
   preempted = False
-  while step < num_steps:
+  num_epochs, every_epochs = config.train.num_epochs, config.checkpoint.every_epochs
+  counts_epochs = bool(num_epochs or every_epochs)  # else no per-step agreement between processes
+  epochs = completed_epochs(train_iter) if counts_epochs else 0
+  while step < num_steps and not (num_epochs and epochs >= num_epochs):
     with jax.set_mesh(mesh):
       state, step_metrics = step_fn(state, micro_batches)
     step += 1
     window.append(step_metrics)
     progress.update(1)
     data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
+    ended_epoch = 0  # the epoch this step ended, counted from 1; 0: none
     if step < num_steps:
       micro_batches = sharding.global_batch(stack_micro_batches(train_iter, accum), mesh, micro_batched=True)
+      if counts_epochs and (now := completed_epochs(train_iter)) > epochs:
+        ended_epoch = epochs = now
+    finishing = step == num_steps or bool(num_epochs and epochs >= num_epochs)
 
-    if step % config.train.log_every_steps == 0 or step == num_steps:
+    if step % config.train.log_every_steps == 0 or finishing:
       fetched = jax.device_get(window)
       seconds = time.perf_counter() - window_start
       tokens = sum(float(m['tokens']) for m in fetched)
@@ -220,11 +236,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_count() == 1 or step % config.train.log_every_steps == 0 or checkpoints.due(step):
       # Agreeing across processes is a blocking collective: on pods only at log and save steps.
       preempted = distributed.any_process(stop.received is not None)
-    force = preempted or step == num_steps
+    epoch_save = bool(every_epochs and ended_epoch and ended_epoch % every_epochs == 0)
+    force = preempted or finishing or epoch_save
     if force or checkpoints.due(step):
-      checkpoints.save(step, state, all_data_states(data_state), meta,
-                       metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
-                       force=force)
+      saved_metrics = {checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else {}
+      if epoch_save:
+        saved_metrics[checkpoint_lib.EPOCH_METRIC] = ended_epoch
+      checkpoints.save(step, state, all_data_states(data_state), meta, metrics=saved_metrics or None, force=force)
     if preempted:
       break
 

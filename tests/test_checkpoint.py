@@ -29,8 +29,12 @@ import pytest
 
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import optim
+from admin_jax import restore
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
+from admin_jax.data import pipeline
+from admin_jax.data.tokenizer import Tokenizer
+from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from conftest import REPO
 from conftest import packed_batch
@@ -177,6 +181,13 @@ def diverging_runs(env: dict[str, str], profile: str, workdir: pathlib.Path) -> 
   return Scenario(workdir, runs)
 
 
+def epoch_runs(env: dict[str, str], profile: str, workdir: pathlib.Path) -> Scenario:
+  """Two epochs, saving per epoch: stopped at step 4 (in epoch 1), resumed; no evaluation."""
+  epochs = ('--config.train.num_epochs=2', '--config.checkpoint.every_epochs=1', '--config.eval.every_steps=-1')
+  return Scenario(workdir, [train(env, workdir, profile, *epochs, '--config.train.num_steps=4'),
+                            train(env, workdir, profile, *epochs, '--config.train.num_steps=1000')])
+
+
 @pytest.fixture(scope='module')
 def scenarios(tmp_path_factory) -> dict[str, futures.Future]:
   """Every scenario's runs, started at once in two lanes (one per core); each test waits for its own.
@@ -197,6 +208,7 @@ def scenarios(tmp_path_factory) -> dict[str, futures.Future]:
         'reference': reference,
         'killed': lane1.submit(killed_run, env, profile, root / 'killed'),
         'damaged': lane1.submit(lambda: damaged_run(env, profile, root / 'damaged', reference_dir())),
+        'epochs': lane1.submit(epoch_runs, env, profile, root / 'epochs'),
         'diverging': lane2.submit(diverging_runs, env, profile, root / 'diverging'),
         'other_mesh': lane2.submit(lambda: other_mesh_run(env, profile, root / 'other_mesh', reference_dir())),
     }
@@ -234,6 +246,27 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_bitwise(scenarios, refer
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 6 <= resumed_step(resumed, scenario.workdir) < NUM_STEPS
   assert losses(scenario.workdir) == losses(reference)
+
+
+def test_epochs_stop_exactly_after_a_resume_and_avg_takes_the_last_epochs(scenarios):
+  scenario = scenarios['epochs'].result()
+  workdir = scenario.workdir
+  for run in scenario.runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  config = restore.saved_config(str(workdir))
+  batches = pipeline.train_iterator(config, Tokenizer.load(workdir / 'spm.model'), seed=config.train.seed,
+                                    process_index=0, process_count=1)
+  first, second = (len(list(batches.one_epoch())) for _ in range(2))  # the epochs' sizes, counted apart
+  assert 4 < first  # so the resume was in the middle of epoch 1
+  assert resumed_step(scenario.runs[1], workdir) == 4
+  assert sorted(losses(workdir)) == list(range(1, first + second + 1))
+  checkpoints = checkpoint_lib.Checkpoints(str(workdir), keep=3, every_steps=EVERY)
+  assert checkpoints.epoch_steps() == {first: 1, first + second: 2}
+  assert len(checkpoints.steps()) > 3  # the latest 3 and the epochs' both kept
+  assert restore.averaged_steps(checkpoints, 2) == [first, first + second]
+  assert restore.averaged_steps(checkpoints, 1) == [first + second]
+  with pytest.raises(UserError, match=r'avg:3 needs 3 epoch checkpoints, .* has 2: epochs \[1, 2\]'):
+    restore.averaged_steps(checkpoints, 3)
 
 
 def test_damaged_latest_checkpoint_is_reported_set_aside_and_the_previous_used(scenarios, reference):

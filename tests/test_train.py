@@ -245,6 +245,7 @@ def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
     ('--config.model.stream_dtype=float16', "model.stream_dtype='float16' is not one of"),
     ('--config.model.d_model=abc', 'd_model'),
     ('--no_such_flag=1', "error: Unknown command line flag 'no_such_flag'\n"),  # quotes kept
+    ('--config.admin.profile_tokens=32', 'admin.profile_tokens=32 must be 0 (the whole batch) or between'),
 ])
 def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
@@ -337,3 +338,32 @@ def test_configs_encode_the_recipes(name, arg, layers, residual):
   if name.startswith(('wmt', 'iwslt')):
     assert config.train.optimizer == 'radam' and config.train.warmup_init_lr == 1e-7
     assert config.train.label_smoothing == 0.1 and config.train.clip_norm == 0.0
+
+
+# The authors' values, per paper recipe (docs admin_spec.md section 5; Transformer-Clinic nmt-experiments scripts):
+# decode length: fairseq-generate's defaults max_len_a=0, max_len_b=200 (no --max-len-* in eval_*.sh);
+# profile tokens: --max-tokens of the single-GPU profiling run; stopping: --max-update or --max-epoch;
+# averaging: the last 10 epoch checkpoints (IWSLT epochs 81-90, En-De 91-100, En-Fr 41-50).
+PAPER_RECIPES = [
+    # config, arg, profile tokens, train.num_steps (None: no update limit), train.num_epochs (0: none)
+    ('iwslt14_de_en', None, 4096, 100_000, 0),
+    ('wmt14_en_de', '6', 8192, 500_000, 0),
+    ('wmt14_en_de', '18,pre_ln', 8192, 500_000, 0),
+    ('wmt14_en_fr', '6', 8000, None, 50),
+    ('wmt14_en_fr', '60', 5000, None, 50),
+]
+
+
+@pytest.mark.parametrize('name, arg, profile_tokens, num_steps, num_epochs', PAPER_RECIPES)
+def test_paper_recipes_decode_profile_stop_and_average_as_the_authors(name, arg, profile_tokens, num_steps,
+                                                                       num_epochs):
+  import importlib
+
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  cli.validate(config)
+  assert (config.eval.max_len_a, config.eval.max_len_b) == (0, 200)
+  assert config.data.max_len >= 200 + 1  # the output cap (EOS included) does not cut fairseq's 200 tokens
+  assert config.admin.profile_tokens == profile_tokens
+  assert config.train.num_epochs == num_epochs
+  assert config.train.num_steps == num_steps if num_steps else config.train.num_steps >= 10 ** 9
+  assert config.checkpoint.every_epochs == 1 and config.checkpoint.keep >= 10  # avg:10 finds 10 epochs
