@@ -5,8 +5,9 @@ checkpoints/, each of which carries the SentencePiece model it was trained with 
 without it use DIR/spm.model). A checkpoint is named as `latest`, `best` (by validation BLEU), a
 step number, or `avg:N`: the mean parameters of the checkpoints of the last N epochs (a run that
 saves per epoch) or else of the last N checkpoints, which is how the paper evaluates (N=10).
-Only the parameters are read (an orbax partial restore), never the optimizer moments, and averaging reads one checkpoint at a time into a float32 sum, so memory
-stays at about two copies of the parameters whatever N is.
+Only the parameters are read (an orbax partial restore), never the optimizer moments, and
+averaging reads one checkpoint at a time into a float32 sum, so memory stays at about two copies
+of the parameters whatever N is.
 """
 
 import functools
