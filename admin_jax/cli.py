@@ -30,7 +30,7 @@ WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs 
 CHOICES = {
     'model.residual': ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.stream_dtype': ('float32', 'bfloat16'),  # float16 gradients would underflow without loss scaling
+    'model.stream_dtype': ('float32', 'bfloat16'),  # a float16 stream is untested; model.dtype=float16 is scaled
     'model.remat': ('none', 'full', 'dots'),
     'model.attention_impl': ('xla', 'cudnn', 'flash'),
     'model.layer_norm_impl': ('xla', 'pallas'),
@@ -43,7 +43,7 @@ CHOICES = {
 POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_model', 'model.ffn_dim',
             'model.num_heads', 'data.vocab_size', 'data.max_len', 'data.tokens_per_batch', 'data.eval_batch_size',
             'train.num_steps', 'train.lr', 'train.eps', 'train.grad_accum', 'train.max_bad_steps', 'checkpoint.keep',
-            'eval.beam_size')
+            'eval.beam_size', 'train.loss_scale_window', 'train.loss_scale_threshold')
 NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
                 'train.loss_chunk_tokens', 'eval.max_sentences', 'admin.profile_tokens', 'train.num_epochs',

@@ -7,6 +7,7 @@ carry their own running scalar r through their scanned layers; see `model/residu
 Only omega changes: every other parameter keeps its initial value.
 """
 
+import dataclasses
 import json
 
 from etils import epath
@@ -82,7 +83,7 @@ def with_omegas(setup: Setup, state: TrainState, omegas: Omegas) -> TrainState:
 
   with jax.set_mesh(setup.mesh):
     params = jax.jit(fill, out_shardings=setup.state_shardings.params)(state.params)
-  return TrainState(state.step, params, state.opt_state, state.rng, state.bad_steps, state.skipped_steps)
+  return dataclasses.replace(state, params=params)
 
 
 def batch_statistics(batch: dict[str, np.ndarray]) -> dict[str, int]:

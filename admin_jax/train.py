@@ -59,6 +59,8 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
   keys = [('model', k) for k in config.model if k not in _COMPUTE_ONLY_MODEL_KEYS] + list(_FIXED_KEYS)
   differing = [f'{section}.{key} ({saved[section][key]!r} -> {config[section][key]!r})'
                for section, key in keys if saved[section][key] != config[section][key]]
+  if (saved.model.dtype == 'float16') != (config.model.dtype == 'float16'):  # the state holds a loss scale or not
+    differing.append(f'model.dtype ({saved.model.dtype!r} -> {config.model.dtype!r})')
   if differing:
     raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
                     'use a new --workdir')
@@ -218,15 +220,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 'grad_norm': float(fetched[-1]['grad_norm']), 'tokens_per_sec': tokens / seconds,
                 'tflops_per_device': tflops, 'mfu': tflops / peak,
                 'skipped_steps': int(state.skipped_steps)}
+      if state.loss_scale is not None:
+        record['loss_scale'] = float(fetched[-1]['loss_scale'])
       writer.write(step, record)
       progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tokens / seconds:,.0f}')
       window, window_start = [], time.perf_counter()
+      threshold = config.train.loss_scale_threshold
+      low = [i for i, m in enumerate(fetched) if 'loss_scale' in m and float(m['loss_scale']) < threshold]
+      diverged = None
       if not all(bool(m['finite']) for m in fetched) and int(state.bad_steps) >= config.train.max_bad_steps:
+        diverged = f'{int(state.bad_steps)} consecutive non-finite steps up to step {step}'
+      elif low:
+        diverged = (f'the float16 loss scale fell below train.loss_scale_threshold={threshold} at step '
+                    f'{step - len(fetched) + 1 + low[0]} (gradients overflow at every scale)')
+      if diverged:
         progress.close()  # else the error would share the progress bar's line
         checkpoints.wait()
         last = checkpoints.latest_step()
-        raise UserError(f'training diverged: {int(state.bad_steps)} consecutive non-finite steps up to step {step}; '
-                        f'last good checkpoint: {last if last is not None else "none"}')
+        raise UserError(f'training diverged: {diverged}; last good checkpoint: {last if last is not None else "none"}')
 
     eval_metrics = None
     if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:

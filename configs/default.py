@@ -89,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.prng_impl = 'threefry2x32'  # the dropout keys: threefry2x32 | rbg | unsafe_rbg (masks are hashed from them)
   train.log_every_steps = 100
   train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
+  # model.dtype='float16': fairseq's dynamic loss scale. A gradient overflow halves it and skips the step (not a
+  # bad step); it doubles after this many steps without one (--fp16-scale-window); the run stops when an
+  # overflow takes it below the threshold (--threshold-loss-scale).
+  train.loss_scale_window = 256
+  train.loss_scale_threshold = 0.03125
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 5000

@@ -374,6 +374,37 @@ def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np
   assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(good.params)))
 
 
+def test_float16_overflow_halves_the_loss_scale_and_skips_the_step_and_good_steps_double_it(np_rng):
+  model_cfg = TransformerConfig(vocab_size=40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                                num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_len=16,
+                                dtype='float16')
+  train = ml_collections.ConfigDict({**TRAIN.to_dict(), 'loss_scale_window': 2})
+  tx, schedule = optim.make_optimizer(train)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  setup, good = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
+  assert (float(good.loss_scale.scale), int(good.loss_scale.good_steps)) == (train_step_lib.LOSS_SCALE_INIT, 0)
+  batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 16, 40, [[7, 9], [16]]).items()}
+  step = jax.jit(train_step_lib.make_train_step(setup, train)).lower(good, batch).compile(FAST_COMPILE)
+  scaled = lambda state, scale, good_steps=0: dataclasses.replace(state, loss_scale=train_step_lib.LossScale(
+      np.float32(scale), np.int32(good_steps)))
+
+  # 2**100 times the loss overflows float16 in the backward pass: an injected overflow.
+  new, metrics = step(scaled(good, 2.0 ** 100, good_steps=1), batch)
+  assert not bool(metrics['finite'])
+  for old, kept in zip(jax.tree.leaves((good.params, good.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(kept, old)
+  assert (int(new.step), int(new.bad_steps), int(new.skipped_steps)) == (1, 0, 1)  # skipped, not a bad step
+  assert (float(new.loss_scale.scale), int(new.loss_scale.good_steps)) == (2.0 ** 99, 0)
+
+  state, norms = scaled(new, 128.0), []
+  for expected in (128.0, 256.0, 256.0):  # the window (2 finite steps) doubles the scale, then counts again
+    state, metrics = step(state, batch)
+    assert bool(metrics['finite']) and float(state.loss_scale.scale) == expected == float(metrics['loss_scale'])
+    norms.append(float(metrics['grad_norm']))
+  _, unscaled = step(scaled(new, 1.0), batch)  # the gradient is unscaled: the same with a scale of 1
+  np.testing.assert_allclose(norms[0], float(unscaled['grad_norm']), rtol=1e-6)
+
+
 def test_keeps_the_latest_and_the_best_by_bleu_across_restarts(tmp_path):
   state = {'w': np.arange(3, dtype=np.float32)}
   for steps in (range(1, 6), range(6, 10)):  # a new manager per range: a resumed run must still know the best

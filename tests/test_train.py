@@ -230,6 +230,34 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
   assert list((tmp_path / 'tensorboard').iterdir())
 
 
+def test_float16_demo_loss_falls_and_a_loss_scale_below_the_threshold_stops_in_one_line(tmp_path):
+  omegas = tmp_path / 'omega.json'  # a given profile: no profiling pass to compile
+  omegas.write_text(json.dumps({'encoder': [1.0, 1.2, 1.3, 1.4], 'decoder': [1.0, 1.2, 1.3, 1.4, 1.5, 1.6]}))
+  fp16 = ['--config.model.dtype=float16', '--config.eval.every_steps=-1', f'--config.admin.profile_path={omegas}']
+  falling = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path / "demo"}',
+                   *TINY_DEMO, *fp16], subprocess_env())
+  # Adam at lr 1e30 from step 1: the parameters blow up, then every gradient overflows.
+  blowing_up = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path / "up"}',
+                      *TINY_DEMO, *fp16, '--config.train.optimizer=adam', '--config.train.lr=1e30',
+                      '--config.train.warmup_steps=1', '--config.train.log_every_steps=1',
+                      '--config.train.num_steps=100', '--config.train.loss_scale_threshold=16'], subprocess_env())
+  out = finish(falling)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / 'demo' / 'metrics.jsonl').read_text().splitlines()]
+  losses_by_step = [r['loss'] for r in records if 'loss' in r]
+  assert losses_by_step[-1] < losses_by_step[0] - 0.4, losses_by_step
+  assert all(r['loss_scale'] >= 128 for r in records if 'loss' in r)
+  out = finish(blowing_up)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  scales = {r['step']: r['loss_scale'] for r in map(json.loads, (tmp_path / 'up' / 'metrics.jsonl').read_text()
+                                                                  .splitlines()) if 'loss' in r}
+  first_low = min(s for s, scale in scales.items() if scale < 16)
+  assert [scales[s] for s in range(first_low - 3, first_low + 1)] == [64, 32, 16, 8]  # halved at each overflow
+  error = out.stderr.splitlines()[-1]  # before it: the progress bar
+  assert error.startswith('error: training diverged: the float16 loss scale fell below '
+                          f'train.loss_scale_threshold=16.0 at step {first_low} '), error
+
+
 def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
                         '--config.model.residul=post_ln'], cwd=REPO, env=subprocess_env(), capture_output=True,
