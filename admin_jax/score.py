@@ -11,7 +11,8 @@ Plus chrF on the detokenized text. `evaluate` and in-training evaluation use `co
 
 Detokenized input (the SentencePiece route) is Moses-tokenized here with sacremoses; pre-tokenized
 input (`--pretokenized`, data.pretokenized: fairseq-prepared, Moses-tokenized and BPE'd text) has BPE
-removed and is used as it is for the tokenized figures, and Moses-detokenized for sacreBLEU and chrF.
+removed and is used as it was prepared for the tokenized figures (IWSLT14's was tokenized without
+`-a`), and Moses-detokenized for sacreBLEU and chrF.
 `--lowercase` makes every figure case-insensitive (IWSLT14 is scored lowercased).
 """
 
