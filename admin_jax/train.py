@@ -106,7 +106,9 @@ def completed_epochs(train_iter: pipeline.TrainIterator) -> int:
   """Epochs that every data shard, of every process, has finished, counted by the input pipeline.
 
   Read after fetching a step's batches: it grows at the step after an epoch's last batch, the same
-  way whether or not the run was resumed, since the iterator's position is checkpointed.
+  way whether or not the run was resumed, since the iterator's position is checkpointed. On several
+  processes that is a small all-gather per step, which waits for the step before: only runs that
+  count epochs (train.num_epochs, checkpoint.every_epochs) read it.
   """
   return min(distributed.allgather_json(train_iter.epoch))
 
