@@ -1,6 +1,7 @@
 """Checkpoint averaging: `python -m admin_jax.average --workdir=DIR [--last=10] [--output_dir=OUT]`.
 
-Writes the mean parameters of DIR's last N checkpoints (the paper averages the last 10) as a
+Writes the mean parameters of the checkpoints of DIR's last N epochs (a run that saves per epoch,
+checkpoint.every_epochs; the paper averages the last 10 epochs), else of its last N checkpoints, as a
 workdir of its own, OUT (default DIR/averaged): config.json, spm.model and one checkpoint at the
 newest averaged step, which holds only {'params': ...} and, in its meta, the run's SentencePiece
 model. Translate or evaluate it like any run, `--workdir=DIR/averaged`; it cannot resume training
@@ -19,7 +20,8 @@ from admin_jax import restore
 from admin_jax.data import tokenizer
 from admin_jax.errors import UserError
 
-LAST = flags.DEFINE_integer('last', 10, 'How many of the newest checkpoints to average.', lower_bound=1)
+LAST = flags.DEFINE_integer('last', 10, 'How many of the last epochs\' checkpoints (a run saving per epoch) or '
+                            'else of the newest checkpoints to average.', lower_bound=1)
 OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Workdir to write the average to; default: DIR/averaged.')
 
 

@@ -5,8 +5,10 @@ state, step, dropout RNG key and the non-finite step counters), `data` (the trai
 position, JSON) and `meta` (JSON: the config, the vocabulary size and the SentencePiece model as
 base64, so a checkpoint alone says how to tokenize; see `run_meta`).
 
-Saved every `checkpoint.every_steps` steps and when forced (the last step, a stop signal); kept:
-the latest `checkpoint.keep` steps plus the best by validation BLEU. Restoring takes the target
+Saved every `checkpoint.every_steps` steps, at the end of every `checkpoint.every_epochs`-th epoch
+(its metrics then hold the epoch, as fairseq's checkpoint{EPOCH}.pt) and when forced (the last
+step, a stop signal); kept: the latest `checkpoint.keep` steps, the checkpoints of the last
+`checkpoint.keep` epochs, and the best by validation BLEU. Restoring takes the target
 shardings from the current mesh, so a checkpoint written on one mesh loads on another.
 A damaged checkpoint is reported and moved aside to STEP.damaged (orbax then ignores it and the
 step can be saved again). Only retention deletes checkpoints; orbax's own cleanup of unfinished
@@ -32,6 +34,7 @@ from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
 
 BLEU_METRIC = 'valid_bleu'
+EPOCH_METRIC = 'epoch'  # in the metrics of a checkpoint saved at the end of an epoch: which one (from 1)
 DAMAGED_SUFFIX = '.damaged'
 
 
@@ -42,6 +45,7 @@ class Checkpoints:
     preservation = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(keep),
         checkpoint_managers.BestN(get_metric_fn=_bleu, n=1, keep_checkpoints_without_metrics=False),
+        checkpoint_managers.BestN(get_metric_fn=_epoch, n=keep, keep_checkpoints_without_metrics=False),
     ])
     # Only the interval: orbax's default also saves the first step of every run, resumed ones too.
     interval = [checkpoint_managers.FixedIntervalPolicy(every_steps)] if every_steps > 0 else []
@@ -67,6 +71,11 @@ class Checkpoints:
     scores = {step: metrics[BLEU_METRIC] for step in self.steps()
               if (metrics := self.manager.metrics(step)) and BLEU_METRIC in metrics}
     return max(scores, key=scores.get) if scores else None
+
+  def epoch_steps(self) -> dict[int, int]:
+    """{step: epoch} of the kept checkpoints saved at the end of an epoch."""
+    return {step: int(metrics[EPOCH_METRIC]) for step in self.steps()
+            if (metrics := self.manager.metrics(step)) and EPOCH_METRIC in metrics}
 
   def due(self, step: int) -> bool:
     """Whether `save` writes `step` unforced: on the interval and newer than every saved step."""
@@ -147,6 +156,11 @@ class Checkpoints:
 def _bleu(metrics: dict) -> float:
   """Ranks checkpoints for BestN; those saved without validation rank last."""
   return metrics.get(BLEU_METRIC, -math.inf)
+
+
+def _epoch(metrics: dict) -> float:
+  """Ranks checkpoints for the epoch window: the later the epoch, the better; others last."""
+  return metrics.get(EPOCH_METRIC, -math.inf)
 
 
 def _first_line(error: Exception) -> str:

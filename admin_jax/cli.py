@@ -30,7 +30,7 @@ WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs 
 CHOICES = {
     'model.residual': ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.stream_dtype': ('float32', 'bfloat16'),  # float16 gradients would underflow without loss scaling
+    'model.stream_dtype': ('float32', 'bfloat16'),  # model.dtype=float16 keeps one of these streams
     'model.remat': ('none', 'full', 'dots'),
     'model.attention_impl': ('xla', 'cudnn', 'flash'),
     'model.layer_norm_impl': ('xla', 'pallas'),
@@ -43,10 +43,11 @@ CHOICES = {
 POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_model', 'model.ffn_dim',
             'model.num_heads', 'data.vocab_size', 'data.max_len', 'data.tokens_per_batch', 'data.eval_batch_size',
             'train.num_steps', 'train.lr', 'train.eps', 'train.grad_accum', 'train.max_bad_steps', 'checkpoint.keep',
-            'eval.beam_size')
+            'eval.beam_size', 'train.loss_scale_window', 'train.loss_scale_threshold')
 NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
-                'train.loss_chunk_tokens', 'eval.max_sentences')
+                'train.loss_chunk_tokens', 'eval.max_sentences', 'admin.profile_tokens', 'train.num_epochs',
+                'checkpoint.every_epochs')
 FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
              'train.b1', 'train.b2')  # in [0, 1)
 
@@ -135,6 +136,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'model.scan_layers=True (without it every layer is unrolled)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
+  profile_tokens = config.admin.profile_tokens
+  if profile_tokens and not config.data.max_len <= profile_tokens <= config.data.tokens_per_batch:
+    raise UserError(f'config admin.profile_tokens={config.admin.profile_tokens} must be 0 (the whole batch) or '
+                    f'between data.max_len={config.data.max_len} (one packed row) and '
+                    f'data.tokens_per_batch={config.data.tokens_per_batch}')
   if config.model.layer_norm_impl == 'pallas' and config.model.d_model & (config.model.d_model - 1):
     raise UserError(f"config model.layer_norm_impl='pallas' needs a power-of-two model.d_model "
                     f'(a Triton block), got {config.model.d_model}')

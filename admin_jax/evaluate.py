@@ -1,9 +1,9 @@
 """Scoring a split: `python -m admin_jax.evaluate --workdir=DIR [--split=test]
 [--checkpoint=latest|best|avg:N|STEP] [--beam_size=K] [--length_penalty=X] [--batch_size=B]`.
 
-Translates the whole split of the run's corpus and prints sacreBLEU with its signature and
-chrF, plus tokenized BLEU for a pre-tokenized corpus (data.pretokenized: BPE removed, as
-fairseq scores it, for comparison with the paper's tables). Hypotheses and scores go to
+Translates the whole split of the run's corpus and prints, each with its signature, sacreBLEU,
+chrF, tokenized BLEU (Moses `-a` tokens, what the paper's tables report) and compound-split BLEU:
+the figures of `python -m admin_jax.score` (score.py says which is which). Hypotheses and scores go to
 DIR/eval/<split>.hyp and DIR/eval/<split>.scores, replacing those of an earlier evaluation.
 Shares translate.py's checkpoint and decoding flags (inference_flags.py), not --input/--output.
 """
@@ -18,7 +18,8 @@ from admin_jax import inference_flags
 SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'], 'Which split of the run\'s corpus to score.')
 flags.adopt_module_key_flags(inference_flags)  # --help lists the shared flags too
 
-_LABELS = {'bleu': 'BLEU', 'chrf': 'chrF2', 'tokenized_bleu': 'tokenized BLEU'}
+_LABELS = {'bleu': 'sacreBLEU', 'chrf': 'chrF2', 'tokenized_bleu': 'tokenized BLEU (paper tables)',
+           'compound_split_bleu': 'compound-split BLEU'}
 
 
 def main(argv):

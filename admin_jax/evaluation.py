@@ -12,10 +12,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from admin_jax import bleu
 from admin_jax import decode
 from admin_jax import distributed
 from admin_jax import files
+from admin_jax import score as score_lib
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import corpora
@@ -103,8 +103,10 @@ class Evaluator:
     return {f'{split}_loss': totals[0] / tokens, f'{split}_nll': totals[1] / tokens}
 
   def score(self, hypotheses: list[str], references: list[str]) -> dict:
+    """sacreBLEU, chrF, tokenized and compound-split BLEU (score.py), as `python -m admin_jax.score` gives them."""
     data = self.config.data
-    return bleu.corpus_scores(hypotheses, references, tokenized_bleu=data.pretokenized, lowercase=data.lowercase)
+    return score_lib.corpus_scores(hypotheses, references, tgt_lang=data.tgt_lang, lowercase=data.lowercase,
+                                   pretokenized=data.pretokenized)
 
   def validate(self, params) -> dict[str, float]:
     pairs = self.pairs('valid')

@@ -7,15 +7,18 @@ carry their own running scalar r through their scanned layers; see `model/residu
 Only omega changes: every other parameter keeps its initial value.
 """
 
+import dataclasses
 import json
 
 from etils import epath
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import multihost_utils
 import numpy as np
 
 from admin_jax import files
+from admin_jax import sharding
 from admin_jax.analysis import plots
 from admin_jax.errors import UserError
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
@@ -46,6 +49,30 @@ def profile_omegas(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
   return {k: np.asarray(jax.device_get(v), np.float64) for k, v in omegas.items()}
 
 
+def profile_batch(first: dict[str, np.ndarray], profile_tokens: int,
+                  mesh: jax.sharding.Mesh) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
+  """The batch the pass measures, as global arrays, and its rows (for `batch_statistics`).
+
+  `first` is this process's rows of the first micro-batch. With `profile_tokens` (admin.profile_tokens)
+  the pass sees only the first profile_tokens // length rows of the global batch, as the authors profile
+  one `--max-tokens` batch on one GPU: the same rows whatever the mesh and the number of processes (the
+  global batch depends on data.shards only), split over the mesh where they divide, else replicated.
+  """
+  if not profile_tokens:
+    return sharding.global_batch(first, mesh), first
+  whole = first if jax.process_count() == 1 else {
+      k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in first.items()}
+  rows, length = whole['inputs'].shape
+  count = profile_tokens // length
+  if not 1 <= count <= rows:
+    raise UserError(f'admin.profile_tokens={profile_tokens} is not between one and all {rows} rows of '
+                    f'{length} tokens of the first batch')
+  chosen = {k: v[:count] for k, v in whole.items()}
+  placed = {k: jax.make_array_from_callback(v.shape, sharding.batch_sharding(mesh, v.shape),
+                                            lambda index, v=v: v[index]) for k, v in chosen.items()}
+  return placed, chosen
+
+
 def with_omegas(setup: Setup, state: TrainState, omegas: Omegas) -> TrainState:
   """The state with omega vectors filled from the profile; all other leaves untouched."""
 
@@ -56,7 +83,7 @@ def with_omegas(setup: Setup, state: TrainState, omegas: Omegas) -> TrainState:
 
   with jax.set_mesh(setup.mesh):
     params = jax.jit(fill, out_shardings=setup.state_shardings.params)(state.params)
-  return TrainState(state.step, params, state.opt_state, state.rng, state.bad_steps, state.skipped_steps)
+  return dataclasses.replace(state, params=params)
 
 
 def batch_statistics(batch: dict[str, np.ndarray]) -> dict[str, int]:

@@ -3,10 +3,11 @@
 A training workdir holds all that inference needs: config.json (the run's resolved config) and
 checkpoints/, each of which carries the SentencePiece model it was trained with (older ones
 without it use DIR/spm.model). A checkpoint is named as `latest`, `best` (by validation BLEU), a
-step number, or `avg:N`: the mean parameters of the last N checkpoints, which is how the
-paper evaluates (N=10). Only the parameters are read (an orbax partial restore), never the
-optimizer moments, and averaging reads one checkpoint at a time into a float32 sum, so memory
-stays at about two copies of the parameters whatever N is.
+step number, or `avg:N`: the mean parameters of the checkpoints of the last N epochs (a run that
+saves per epoch) or else of the last N checkpoints, which is how the paper evaluates (N=10).
+Only the parameters are read (an orbax partial restore), never the optimizer moments, and
+averaging reads one checkpoint at a time into a float32 sum, so memory stays at about two copies
+of the parameters whatever N is.
 """
 
 import functools
@@ -27,7 +28,7 @@ from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 
-CHECKPOINT_FORMS = "latest, best, avg:N (mean of the last N) or a step number"
+CHECKPOINT_FORMS = "latest, best, avg:N (mean of the last N epochs' or checkpoints) or a step number"
 
 
 class Inference(NamedTuple):
@@ -86,10 +87,24 @@ def resolve_steps(checkpoints: checkpoint_lib.Checkpoints, spec: str) -> list[in
     if number not in steps:
       raise UserError(f'no checkpoint for step {number} in {checkpoints.directory}; steps: {steps}')
     return [number]
-  if number > len(steps):
-    raise UserError(f'{spec} needs {number} checkpoints, {checkpoints.directory} has '
+  return averaged_steps(checkpoints, number)
+
+
+def averaged_steps(checkpoints: checkpoint_lib.Checkpoints, count: int) -> list[int]:
+  """The checkpoints `avg:count` averages, oldest first: those of the last `count` epochs in a run that
+  saves per epoch (checkpoint.every_epochs, as the authors average epochs 81-90 of IWSLT14), else the
+  last `count` checkpoints."""
+  by_epoch = checkpoints.epoch_steps()
+  if by_epoch:
+    if count > len(by_epoch):
+      raise UserError(f'avg:{count} needs {count} epoch checkpoints, {checkpoints.directory} has '
+                      f'{len(by_epoch)}: epochs {sorted(by_epoch.values())}')
+    return sorted(sorted(by_epoch, key=by_epoch.get)[-count:])
+  steps = checkpoints.steps()
+  if count > len(steps):
+    raise UserError(f'avg:{count} needs {count} checkpoints, {checkpoints.directory} has '
                     f'{len(steps)}: {steps}')
-  return steps[-number:]
+  return steps[-count:]
 
 
 def model_setup(config: ml_collections.ConfigDict, vocab_size: int,

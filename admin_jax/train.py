@@ -59,6 +59,8 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
   keys = [('model', k) for k in config.model if k not in _COMPUTE_ONLY_MODEL_KEYS] + list(_FIXED_KEYS)
   differing = [f'{section}.{key} ({saved[section][key]!r} -> {config[section][key]!r})'
                for section, key in keys if saved[section][key] != config[section][key]]
+  if (saved.model.dtype == 'float16') != (config.model.dtype == 'float16'):  # the state holds a loss scale or not
+    differing.append(f'model.dtype ({saved.model.dtype!r} -> {config.model.dtype!r})')
   if differing:
     raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
                     'use a new --workdir')
@@ -90,14 +92,25 @@ def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_ste
     first = next(train_iter)
     train_iter.set_state(position)  # step 0 trains on the same batch
     start = time.perf_counter()
-    omegas = profiling.profile_omegas(setup, state, sharding.global_batch(first, mesh),
-                                      mask_padding=config.admin.mask_padding)
+    batch, rows = profiling.profile_batch(first, config.admin.profile_tokens, mesh)
+    omegas = profiling.profile_omegas(setup, state, batch, mask_padding=config.admin.mask_padding)
     if distributed.is_lead():
-      profiling.write_profile(workdir, omegas, profiling.batch_statistics(first))
+      profiling.write_profile(workdir, omegas, profiling.batch_statistics(rows))
     print(f'profiled omega in {time.perf_counter() - start:.1f}s: encoder '
           f'{omegas["encoder"][0]:.3f}..{omegas["encoder"][-1]:.3f}, decoder '
           f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {epath.Path(workdir) / profiling.OMEGA_JSON}')
   return profiling.with_omegas(setup, state, omegas)
+
+
+def completed_epochs(train_iter: pipeline.TrainIterator) -> int:
+  """Epochs that every data shard, of every process, has finished, counted by the input pipeline.
+
+  Read after fetching a step's batches: it grows at the step after an epoch's last batch, the same
+  way whether or not the run was resumed, since the iterator's position is checkpointed. On several
+  processes that is a small all-gather per step, which waits for the step before: only runs that
+  count epochs (train.num_epochs, checkpoint.every_epochs) read it.
+  """
+  return min(distributed.allgather_json(train_iter.epoch))
 
 
 def compile_step(step_fn, state, micro_batches, mesh):
@@ -181,19 +194,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
   step = start_step
   preempted = False
-  while step < num_steps:
+  num_epochs, every_epochs = config.train.num_epochs, config.checkpoint.every_epochs
+  counts_epochs = bool(num_epochs or every_epochs)  # else no per-step agreement between processes
+  epochs = completed_epochs(train_iter) if counts_epochs else 0
+  while step < num_steps and not (num_epochs and epochs >= num_epochs):
     with jax.set_mesh(mesh):
       state, step_metrics = step_fn(state, micro_batches)
     step += 1
     window.append(step_metrics)
     progress.update(1)
     data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
+    ended_epoch = 0  # the epoch this step ended, counted from 1; 0: none
     if step < num_steps:
       fetch_start = time.perf_counter()
       micro_batches = sharding.global_batch(stack_micro_batches(train_iter, accum), mesh, micro_batched=True)
       data_wait += time.perf_counter() - fetch_start
+      if counts_epochs and (now := completed_epochs(train_iter)) > epochs:
+        ended_epoch = epochs = now
+    finishing = step == num_steps or bool(num_epochs and epochs >= num_epochs)
 
-    if step % config.train.log_every_steps == 0 or step == num_steps:
+    if step % config.train.log_every_steps == 0 or finishing:
       fetched = jax.device_get(window)
       seconds = time.perf_counter() - window_start
       tokens = sum(float(m['tokens']) for m in fetched)
@@ -206,16 +226,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 'tflops_per_device': tflops, 'mfu': tflops / peak,
                 'skipped_steps': int(state.skipped_steps)}
       record['data_wait_fraction'] = data_wait / seconds  # near 1: the input pipeline, not the step, sets the pace
+      if state.loss_scale is not None:
+        record['loss_scale'] = float(fetched[-1]['loss_scale'])
       writer.write(step, record)
       progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{tokens / seconds:,.0f}')
       window, window_start = [], time.perf_counter()
       data_wait = 0.0
+      threshold = config.train.loss_scale_threshold
+      low = [i for i, m in enumerate(fetched) if 'loss_scale' in m and float(m['loss_scale']) < threshold]
+      diverged = None
       if not all(bool(m['finite']) for m in fetched) and int(state.bad_steps) >= config.train.max_bad_steps:
+        diverged = f'{int(state.bad_steps)} consecutive non-finite steps up to step {step}'
+      elif low:
+        diverged = (f'the float16 loss scale fell below train.loss_scale_threshold={threshold} at step '
+                    f'{step - len(fetched) + 1 + low[0]} (gradients overflow at every scale)')
+      if diverged:
         progress.close()  # else the error would share the progress bar's line
         checkpoints.wait()
         last = checkpoints.latest_step()
-        raise UserError(f'training diverged: {int(state.bad_steps)} consecutive non-finite steps up to step {step}; '
-                        f'last good checkpoint: {last if last is not None else "none"}')
+        raise UserError(f'training diverged: {diverged}; last good checkpoint: {last if last is not None else "none"}')
 
     eval_metrics = None
     if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
@@ -225,11 +254,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_count() == 1 or step % config.train.log_every_steps == 0 or checkpoints.due(step):
       # Agreeing across processes is a blocking collective: on pods only at log and save steps.
       preempted = distributed.any_process(stop.received is not None)
-    force = preempted or step == num_steps
+    epoch_save = bool(every_epochs and ended_epoch and ended_epoch % every_epochs == 0)
+    force = preempted or finishing or epoch_save
     if force or checkpoints.due(step):
-      checkpoints.save(step, state, all_data_states(data_state), meta,
-                       metrics={checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else None,
-                       force=force)
+      saved_metrics = {checkpoint_lib.BLEU_METRIC: eval_metrics['valid_bleu']} if eval_metrics else {}
+      if epoch_save:
+        saved_metrics[checkpoint_lib.EPOCH_METRIC] = ended_epoch
+      checkpoints.save(step, state, all_data_states(data_state), meta, metrics=saved_metrics or None, force=force)
     if preempted:
       break
 

@@ -18,6 +18,29 @@ from admin_jax.model import TransformerConfig
 Batch = dict[str, jax.Array]
 
 
+# fairseq's --fp16-init-scale default: the dynamic loss scale a float16 run starts from.
+LOSS_SCALE_INIT = 128.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LossScale:
+  """fairseq's dynamic loss scale, for model.dtype='float16' (DynamicLossScaler, tolerance 0).
+
+  The summed loss is multiplied by `scale` before the backward pass so that small float16
+  gradients do not flush to zero. A step whose gradient overflows halves the scale; after
+  `window` steps in a row without one, it doubles. Not flax's DynamicScale: that grows one step
+  later than fairseq and adjusts per gradient call, which accumulation would make per micro-batch.
+  """
+  scale: jax.Array  # float32
+  good_steps: jax.Array  # finite steps since the scale last changed
+
+  def adjust(self, finite: jax.Array, window: int) -> 'LossScale':
+    grow = finite & (self.good_steps + 1 >= window)
+    scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), self.scale / 2)
+    return LossScale(scale, jnp.where(finite & ~grow, self.good_steps + 1, 0))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -26,8 +49,9 @@ class TrainState:
   params: nnx.State
   opt_state: optax.OptState
   rng: jax.Array  # base key; step t uses fold_in(rng, t)
-  bad_steps: jax.Array  # consecutive non-finite steps
+  bad_steps: jax.Array  # consecutive non-finite steps (a float16 overflow is not one)
   skipped_steps: jax.Array  # all non-finite steps so far
+  loss_scale: LossScale | None = None  # float16 only: other runs' checkpoints keep their tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +75,8 @@ def _new_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, s
   _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
   zero = jnp.zeros([], jnp.int32)
   rng = jax.random.key_data(jax.random.key(seed, impl=prng_impl))
-  return TrainState(zero, params, tx.init(params), rng, zero, zero)
+  loss_scale = LossScale(jnp.asarray(LOSS_SCALE_INIT, jnp.float32), zero) if model_cfg.dtype == 'float16' else None
+  return TrainState(zero, params, tx.init(params), rng, zero, zero, loss_scale)
 
 
 def abstract_train_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -95,8 +120,10 @@ def micro_batch_rng(rng: jax.Array, index: int | jax.Array) -> jax.Array:
 
 
 def _summed_loss(setup: Setup, params: nnx.State, batch: Batch, rng: jax.Array | None,
-                 label_smoothing: float, chunk_tokens: int = 0) -> tuple[jax.Array, losses.TokenLosses]:
-  """Summed token losses; with `chunk_tokens`, never the whole batch's float32 logits at once."""
+                 label_smoothing: float, chunk_tokens: int = 0,
+                 loss_scale: jax.Array | None = None) -> tuple[jax.Array, losses.TokenLosses]:
+  """Summed token losses (times `loss_scale`, for the gradient; the returned sums are unscaled);
+  with `chunk_tokens`, never the whole batch's float32 logits at once."""
   model = model_from(setup, params)
   weights = batch['targets_segmentation'] > 0
   if chunk_tokens:
@@ -105,7 +132,7 @@ def _summed_loss(setup: Setup, params: nnx.State, batch: Batch, rng: jax.Array |
         label_smoothing, chunk_tokens)
   else:
     sums = losses.label_smoothed_cross_entropy(model(batch, rng=rng), batch['targets'], weights, label_smoothing)
-  return sums.loss, sums
+  return sums.loss if loss_scale is None else sums.loss * loss_scale, sums
 
 
 def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], tuple]:
@@ -113,18 +140,21 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
 
   Gradients of summed token losses are added over micro-batches and divided by the total
   number of target tokens, so accumulation equals one large batch exactly. A non-finite loss
-  or gradient skips the update (parameters and optimizer state unchanged) and is counted.
+  or gradient skips the update (parameters and optimizer state unchanged) and is counted; in
+  float16 it is an overflow, which adjusts the loss scale (LossScale) instead of counting as bad.
   """
   grad_fn = jax.value_and_grad(_summed_loss, argnums=1, has_aux=True)
 
   def train_step(state: TrainState, micro_batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = step_rng(setup, state)
+    scaling = state.loss_scale is not None
+    loss_scale = state.loss_scale.scale if scaling else None
 
     def accumulate(carry, xs):
       grads, totals = carry
       index, batch = xs
       (_, sums), g = grad_fn(setup, state.params, batch, micro_batch_rng(rng, index), train.label_smoothing,
-                            train.loss_chunk_tokens)
+                            train.loss_chunk_tokens, loss_scale)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, sums)), None
 
     num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
@@ -132,7 +162,7 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
     totals = losses.TokenLosses(*(jnp.zeros([], jnp.float32) for _ in range(3)))
     (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals), (jnp.arange(num_micro), micro_batches))
     tokens = jnp.maximum(totals.tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
+    grads = jax.tree.map(lambda g: g / (tokens * loss_scale if scaling else tokens), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(totals.loss) & jnp.isfinite(grad_norm)
 
@@ -144,8 +174,9 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
         params=keep_new(params, state.params),
         opt_state=keep_new(opt_state, state.opt_state),
         rng=state.rng,
-        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+        bad_steps=jnp.where(finite, 0, state.bad_steps if scaling else state.bad_steps + 1),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        loss_scale=state.loss_scale.adjust(finite, train.loss_scale_window) if scaling else None)
     metrics = {
         'loss': totals.loss / tokens,
         'nll': totals.nll / tokens,
@@ -154,6 +185,8 @@ def make_train_step(setup: Setup, train: ml_collections.ConfigDict) -> Callable[
         'lr': setup.schedule(state.step),
         'finite': finite,
     }
+    if scaling:
+      metrics['loss_scale'] = new_state.loss_scale.scale  # after this step's adjustment
     return new_state, metrics
 
   return train_step

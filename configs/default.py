@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 500_000
+  train.num_epochs = 0  # >0: also stop once every data shard has finished this many epochs (fairseq --max-epoch)
   train.optimizer = 'radam'  # radam | adam | adamw
   train.lr = 1e-3
   train.warmup_init_lr = 1e-7
@@ -94,10 +95,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.prng_impl = 'threefry2x32'  # the dropout keys: threefry2x32 | rbg | unsafe_rbg (masks are hashed from them)
   train.log_every_steps = 100
   train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
+  # model.dtype='float16': fairseq's dynamic loss scale. A gradient overflow halves it and skips the step (not a
+  # bad step); it doubles after this many steps without one (--fp16-scale-window); the run stops when an
+  # overflow takes it below the threshold (--threshold-loss-scale).
+  train.loss_scale_window = 256
+  train.loss_scale_threshold = 0.03125
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 5000
-  checkpoint.keep = 10
+  checkpoint.keep = 10  # the latest checkpoints kept, and (with every_epochs) the last epochs' checkpoints kept
+  checkpoint.every_epochs = 0  # >0: also save when every Nth epoch ends; avg:N then averages the last N epochs
 
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.every_steps = 5000  # validation BLEU every N steps; 0: only the final test pass; -1: neither
@@ -115,5 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.admin = admin = ml_collections.ConfigDict()
   admin.profile_path = ''  # omega.json or profile.ratio.init to reuse instead of profiling
   admin.mask_padding = False  # exclude padding from the profiling variances (deviation from the reference)
+  # Profile on this many tokens of the first batch (its first profile_tokens // data.max_len packed rows), as
+  # the authors profile one --max-tokens batch on one GPU; the same rows on any mesh. 0: the whole micro-batch.
+  admin.profile_tokens = 0
 
   return config

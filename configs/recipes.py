@@ -5,6 +5,7 @@ import ml_collections
 from configs import default
 
 RESIDUALS = ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm')
+NO_UPDATE_LIMIT = 10 ** 9  # train.num_steps of a recipe that the authors stop by epochs only
 
 
 def parse_arg(arg: str | None, default_layers: int, default_residual: str = 'admin') -> tuple[int, str]:
@@ -25,7 +26,7 @@ def parse_arg(arg: str | None, default_layers: int, default_residual: str = 'adm
 
 def paper_config(residual: str) -> ml_collections.ConfigDict:
   """The default config with `residual` and the settings every recipe shares: RAdam (0.9, 0.98),
-  warmup from 1e-7, smoothing 0.1, no clipping."""
+  warmup from 1e-7, smoothing 0.1, no clipping, fairseq's decode length, a checkpoint per epoch."""
   config = default.get_config()
   config.model.residual = residual
   config.train.optimizer = 'radam'
@@ -37,4 +38,6 @@ def paper_config(residual: str) -> ml_collections.ConfigDict:
   config.model.share_embeddings = True
   config.model.attention_dropout = 0.1
   config.model.activation_dropout = 0.1
+  config.eval.max_len_a, config.eval.max_len_b = 0.0, 200  # fairseq-generate's defaults, in every paper evaluation
+  config.checkpoint.every_epochs = 1  # the authors average the checkpoints of the last 10 epochs
   return config

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.lr = 1e-3
   config.train.warmup_steps = 8000
   config.train.weight_decay = 0.0
-  config.train.num_steps = 500_000
+  config.train.num_steps = 500_000  # --max-update 500000, about 100 epochs: avg:10 averages epochs 91-100
+  config.admin.profile_tokens = 8192  # the profiling run's --max-tokens, on one GPU
   config.eval.beam_size, config.eval.length_penalty = 4, 0.6
   return config

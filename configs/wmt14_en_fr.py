@@ -1,7 +1,7 @@
 """WMT14 En-Fr: 6L-6L and the Very Deep 60L-12L (arg `6` or `60`, optionally `,RESIDUAL`).
 
 Recipe (spec 5): lr 7e-4, warmup 8000, dropout 0.1, 8000 tokens x 8 GPUs x 10 accumulation for
-6L (5000 x 16 x 16 for 60L-12L), 50 epochs, beam 5, length penalty 0.8, last 10 checkpoints averaged.
+6L (5000 x 16 x 16 for 60L-12L), 50 epochs, beam 5, length penalty 0.8, last 10 epochs averaged.
 """
 
 import ml_collections
@@ -26,6 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.tokens_per_batch, config.train.grad_accum = 8000 * 8, 10
   config.train.lr = 7e-4
   config.train.warmup_steps = 8000
-  config.train.num_steps = 300_000
+  config.train.num_steps = recipes.NO_UPDATE_LIMIT  # --max-epoch 50 and no update limit
+  config.train.num_epochs = 50  # avg:10 averages epochs 41-50
+  config.admin.profile_tokens = 5000 if layers == 60 else 8000  # the profiling run's --max-tokens, on one GPU
   config.eval.beam_size, config.eval.length_penalty = 5, 0.8
   return config

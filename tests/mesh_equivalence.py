@@ -2,7 +2,8 @@
 
 Executed by test_meshes.py in child processes with 8 host CPU devices each: `mesh_equivalence.py
 INDEX COUNT` runs every COUNT-th run from the INDEX-th, so that the runs compile in parallel.
-Runs named 'IMPL/ATTENTION_DROPOUT/MESH' check the implementations under a mesh ('kernels': the
+Each plain mesh run also profiles on admin.profile_tokens ('profile_tokens/MESH'). Runs named
+'IMPL/ATTENTION_DROPOUT/MESH' check the implementations under a mesh ('kernels': the
 Pallas flash attention and residual LayerNorm together, as GPUs train), and 'PRNG_IMPL/MESH' the
 dropout keys of another PRNG.
 """
@@ -26,6 +27,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 IMPLEMENTATION_RUNS = [('xla', 0.0, (2, 2, 2)), ('kernels', 0.0, (2, 2, 2)), ('kernels', 0.1, (2, 2, 2))]
 KERNELS = {'xla': {}, 'kernels': {'attention_impl': 'flash', 'layer_norm_impl': 'pallas'}}
 PRNG_RUNS = [('rbg', (1, 1, 1)), ('rbg', (2, 2, 2))]
+PROFILE_TOKENS = 3 * 16  # three rows of the 16-token batch
 
 
 def main() -> None:
@@ -50,6 +52,10 @@ def main() -> None:
     tx, schedule = optim.make_optimizer(train)
     setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0, prng_impl=prng_impl)
     omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
+    if prng_impl == 'threefry2x32' and cfg is model_cfg:  # admin.profile_tokens: 3 of the 8 rows, split or not
+      few, _ = profiling.profile_batch(batches[0], PROFILE_TOKENS, mesh)
+      results[f'profile_tokens/{name}'] = {k: v.tolist() for k, v in profiling.profile_omegas(
+          setup, state, few, mask_padding=False).items()}
     state = profiling.with_omegas(setup, state, omegas)
     micro = sharding.global_batch({k: v[None] for k, v in batches[0].items()}, mesh, micro_batched=True)
     step = train_step_lib.jit_train_step(setup, train, jax.tree.map(lambda a: a.sharding, micro))

@@ -29,8 +29,12 @@ import pytest
 
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import optim
+from admin_jax import restore
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
+from admin_jax.data import pipeline
+from admin_jax.data.tokenizer import Tokenizer
+from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from conftest import REPO
 from conftest import packed_batch
@@ -177,6 +181,13 @@ def diverging_runs(env: dict[str, str], profile: str, workdir: pathlib.Path) -> 
   return Scenario(workdir, runs)
 
 
+def epoch_runs(env: dict[str, str], profile: str, workdir: pathlib.Path) -> Scenario:
+  """Two epochs, saving per epoch: stopped at step 4 (in epoch 1), resumed; no evaluation."""
+  epochs = ('--config.train.num_epochs=2', '--config.checkpoint.every_epochs=1', '--config.eval.every_steps=-1')
+  return Scenario(workdir, [train(env, workdir, profile, *epochs, '--config.train.num_steps=4'),
+                            train(env, workdir, profile, *epochs, '--config.train.num_steps=1000')])
+
+
 @pytest.fixture(scope='module')
 def scenarios(tmp_path_factory) -> dict[str, futures.Future]:
   """Every scenario's runs, started at once in two lanes (one per core); each test waits for its own.
@@ -197,6 +208,7 @@ def scenarios(tmp_path_factory) -> dict[str, futures.Future]:
         'reference': reference,
         'killed': lane1.submit(killed_run, env, profile, root / 'killed'),
         'damaged': lane1.submit(lambda: damaged_run(env, profile, root / 'damaged', reference_dir())),
+        'epochs': lane1.submit(epoch_runs, env, profile, root / 'epochs'),
         'diverging': lane2.submit(diverging_runs, env, profile, root / 'diverging'),
         'other_mesh': lane2.submit(lambda: other_mesh_run(env, profile, root / 'other_mesh', reference_dir())),
     }
@@ -234,6 +246,27 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_bitwise(scenarios, refer
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 6 <= resumed_step(resumed, scenario.workdir) < NUM_STEPS
   assert losses(scenario.workdir) == losses(reference)
+
+
+def test_epochs_stop_exactly_after_a_resume_and_avg_takes_the_last_epochs(scenarios):
+  scenario = scenarios['epochs'].result()
+  workdir = scenario.workdir
+  for run in scenario.runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  config = restore.saved_config(str(workdir))
+  batches = pipeline.train_iterator(config, Tokenizer.load(workdir / 'spm.model'), seed=config.train.seed,
+                                    process_index=0, process_count=1)
+  first, second = (len(list(batches.one_epoch())) for _ in range(2))  # the epochs' sizes, counted apart
+  assert 4 < first  # so the resume was in the middle of epoch 1
+  assert resumed_step(scenario.runs[1], workdir) == 4
+  assert sorted(losses(workdir)) == list(range(1, first + second + 1))
+  checkpoints = checkpoint_lib.Checkpoints(str(workdir), keep=3, every_steps=EVERY)
+  assert checkpoints.epoch_steps() == {first: 1, first + second: 2}
+  assert len(checkpoints.steps()) > 3  # the latest 3 and the epochs' both kept
+  assert restore.averaged_steps(checkpoints, 2) == [first, first + second]
+  assert restore.averaged_steps(checkpoints, 1) == [first + second]
+  with pytest.raises(UserError, match=r'avg:3 needs 3 epoch checkpoints, .* has 2: epochs \[1, 2\]'):
+    restore.averaged_steps(checkpoints, 3)
 
 
 def test_damaged_latest_checkpoint_is_reported_set_aside_and_the_previous_used(scenarios, reference):
@@ -339,6 +372,37 @@ def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np
   assert bool(metrics['finite'])
   assert (int(new.step), int(new.bad_steps), int(new.skipped_steps)) == (3, 0, 2)
   assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(good.params)))
+
+
+def test_float16_overflow_halves_the_loss_scale_and_skips_the_step_and_good_steps_double_it(np_rng):
+  model_cfg = TransformerConfig(vocab_size=40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                                num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_len=16,
+                                dtype='float16')
+  train = ml_collections.ConfigDict({**TRAIN.to_dict(), 'loss_scale_window': 2})
+  tx, schedule = optim.make_optimizer(train)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  setup, good = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
+  assert (float(good.loss_scale.scale), int(good.loss_scale.good_steps)) == (train_step_lib.LOSS_SCALE_INIT, 0)
+  batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 16, 40, [[7, 9], [16]]).items()}
+  step = jax.jit(train_step_lib.make_train_step(setup, train)).lower(good, batch).compile(FAST_COMPILE)
+  scaled = lambda state, scale, good_steps=0: dataclasses.replace(state, loss_scale=train_step_lib.LossScale(
+      np.float32(scale), np.int32(good_steps)))
+
+  # 2**100 times the loss overflows float16 in the backward pass: an injected overflow.
+  new, metrics = step(scaled(good, 2.0 ** 100, good_steps=1), batch)
+  assert not bool(metrics['finite'])
+  for old, kept in zip(jax.tree.leaves((good.params, good.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(kept, old)
+  assert (int(new.step), int(new.bad_steps), int(new.skipped_steps)) == (1, 0, 1)  # skipped, not a bad step
+  assert (float(new.loss_scale.scale), int(new.loss_scale.good_steps)) == (2.0 ** 99, 0)
+
+  state, norms = scaled(new, 128.0), []
+  for expected in (128.0, 256.0, 256.0):  # the window (2 finite steps) doubles the scale, then counts again
+    state, metrics = step(state, batch)
+    assert bool(metrics['finite']) and float(state.loss_scale.scale) == expected == float(metrics['loss_scale'])
+    norms.append(float(metrics['grad_norm']))
+  _, unscaled = step(scaled(new, 1.0), batch)  # the gradient is unscaled: the same with a scale of 1
+  np.testing.assert_allclose(norms[0], float(unscaled['grad_norm']), rtol=1e-6)
 
 
 def test_keeps_the_latest_and_the_best_by_bleu_across_restarts(tmp_path):

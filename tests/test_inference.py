@@ -166,8 +166,10 @@ def test_errors_are_one_line(workdir, tmp_path, case):
 def test_evaluate_prints_and_writes_sacrebleu(workdir):
   proc = _run('evaluate', f'--workdir={workdir}', '--split=test', '--checkpoint=avg:2')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  printed = re.search(r'^BLEU = (\S+) \((nrefs:\S+)\)$', proc.stdout, re.MULTILINE)
+  printed = re.search(r'^sacreBLEU = (\S+) \((nrefs:\S+)\)$', proc.stdout, re.MULTILINE)
   assert printed, proc.stdout
+  for label in ('tokenized BLEU (paper tables)', 'compound-split BLEU'):
+    assert re.search(rf'^{re.escape(label)} = \S+ \(nrefs:\S+tok:none', proc.stdout, re.MULTILINE), proc.stdout
   printed_chrf = re.search(r'^chrF2 = (\S+) \(nrefs:', proc.stdout, re.MULTILINE)
   assert printed_chrf, proc.stdout
 

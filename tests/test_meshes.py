@@ -40,6 +40,15 @@ def test_meshes_give_single_device_omegas(mesh_results, mesh):
 
 
 @pytest.mark.parametrize('mesh', SHARDED_MESHES)
+def test_profile_tokens_give_single_device_omegas_on_every_mesh(mesh_results, mesh):
+  """3 rows: replicated on 8x1x1 and 2x4x1, which they do not divide; the whole batch gives other omegas."""
+  few, single = mesh_results[f'profile_tokens/{mesh}'], mesh_results['profile_tokens/1x1x1']
+  for stack in ('encoder', 'decoder'):
+    np.testing.assert_allclose(few[stack], single[stack], rtol=1e-5)
+    assert not np.allclose(few[stack][1:], mesh_results['1x1x1']['omegas'][stack][1:], rtol=1e-3)
+
+
+@pytest.mark.parametrize('mesh', SHARDED_MESHES)
 def test_meshes_give_single_device_losses(mesh_results, mesh):
   np.testing.assert_allclose(mesh_results[mesh]['losses'], mesh_results['1x1x1']['losses'], rtol=1e-5)
 

@@ -1,5 +1,6 @@
 """The Admin profiling pass against an independent NumPy recurrence, across meshes and files."""
 
+import json
 import math
 
 import jax
@@ -139,6 +140,17 @@ def test_profile_files_round_trip_and_mismatch(tmp_path):
   np.testing.assert_array_equal(profiling.read_profile(str(values_only), 2, 2)['decoder'], omegas['decoder'])
 
 
+def test_profile_batch_takes_the_first_rows_and_refuses_more_than_the_batch(np_rng):
+  batch = packed_batch(np_rng, 4, 8, VOCAB, [[8], [3, 5], [6], [2]])
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  placed, rows = profiling.profile_batch(batch, 23, mesh)  # 2 whole rows of 8 tokens
+  for k, v in batch.items():
+    np.testing.assert_array_equal(rows[k], v[:2])
+    np.testing.assert_array_equal(placed[k], v[:2])
+  with pytest.raises(UserError, match='profile_tokens=40 is not between one and all 4 rows of 8 tokens'):
+    profiling.profile_batch(batch, 40, mesh)
+
+
 def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
   import subprocess
 
@@ -147,10 +159,11 @@ def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
               '--config.model.ffn_dim=64', '--config.model.num_encoder_layers=2', '--config.model.num_decoder_layers=2',
               '--config.data.synthetic_train_size=500', '--config.data.synthetic_eval_size=4',
               '--config.data.tokens_per_batch=512', '--config.data.max_len=32', '--config.data.vocab_size=200']
-  out = subprocess.run([python(), '-m', 'admin_jax.profile', *tiny_run], cwd=REPO, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run([python(), '-m', 'admin_jax.profile', *tiny_run, '--config.admin.profile_tokens=80'],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   profile = (tmp_path / 'omega.json').read_text()
+  assert json.loads(profile)['batch']['inputs_shape'] == [2, 32]  # 80 tokens: 2 of the 16 rows of 32
   assert 'encoder omega: 1.000' in out.stdout
   assert len((tmp_path / 'profile.ratio.init').read_text().splitlines()) == 4 + 6
   out = subprocess.run([python(), '-m', 'admin_jax.train', *tiny_run, '--config.train.num_steps=2',

@@ -231,6 +231,34 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
   assert list((tmp_path / 'tensorboard').iterdir())
 
 
+def test_float16_demo_loss_falls_and_a_loss_scale_below_the_threshold_stops_in_one_line(tmp_path):
+  omegas = tmp_path / 'omega.json'  # a given profile: no profiling pass to compile
+  omegas.write_text(json.dumps({'encoder': [1.0, 1.2, 1.3, 1.4], 'decoder': [1.0, 1.2, 1.3, 1.4, 1.5, 1.6]}))
+  fp16 = ['--config.model.dtype=float16', '--config.eval.every_steps=-1', f'--config.admin.profile_path={omegas}']
+  falling = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path / "demo"}',
+                   *TINY_DEMO, *fp16], subprocess_env())
+  # Adam at lr 1e30 from step 1: the parameters blow up, then every gradient overflows.
+  blowing_up = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path / "up"}',
+                      *TINY_DEMO, *fp16, '--config.train.optimizer=adam', '--config.train.lr=1e30',
+                      '--config.train.warmup_steps=1', '--config.train.log_every_steps=1',
+                      '--config.train.num_steps=100', '--config.train.loss_scale_threshold=16'], subprocess_env())
+  out = finish(falling)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / 'demo' / 'metrics.jsonl').read_text().splitlines()]
+  losses_by_step = [r['loss'] for r in records if 'loss' in r]
+  assert losses_by_step[-1] < losses_by_step[0] - 0.4, losses_by_step
+  assert all(r['loss_scale'] >= 128 for r in records if 'loss' in r)
+  out = finish(blowing_up)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  scales = {r['step']: r['loss_scale'] for r in map(json.loads, (tmp_path / 'up' / 'metrics.jsonl').read_text()
+                                                                  .splitlines()) if 'loss' in r}
+  first_low = min(s for s, scale in scales.items() if scale < 16)
+  assert [scales[s] for s in range(first_low - 3, first_low + 1)] == [64, 32, 16, 8]  # halved at each overflow
+  error = out.stderr.splitlines()[-1]  # before it: the progress bar
+  assert error.startswith('error: training diverged: the float16 loss scale fell below '
+                          f'train.loss_scale_threshold=16.0 at step {first_low} '), error
+
+
 def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
                         '--config.model.residul=post_ln'], cwd=REPO, env=subprocess_env(), capture_output=True,
@@ -246,6 +274,7 @@ def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
     ('--config.model.stream_dtype=float16', "model.stream_dtype='float16' is not one of"),
     ('--config.model.d_model=abc', 'd_model'),
     ('--no_such_flag=1', "error: Unknown command line flag 'no_such_flag'\n"),  # quotes kept
+    ('--config.admin.profile_tokens=32', 'admin.profile_tokens=32 must be 0 (the whole batch) or between'),
 ])
 def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
@@ -374,3 +403,32 @@ def test_train_logs_the_fraction_of_time_it_waits_for_data(tmp_path, monkeypatch
   train_lib.train_and_evaluate(config, str(tmp_path))
   waits = [r['data_wait_fraction'] for r in metrics.read_metrics(str(tmp_path)) if 'data_wait_fraction' in r]
   assert len(waits) == 2 and waits[0] < 0.2 and waits[1] > 0.8, waits
+
+
+# The authors' values, per paper recipe (docs admin_spec.md section 5; Transformer-Clinic nmt-experiments scripts):
+# decode length: fairseq-generate's defaults max_len_a=0, max_len_b=200 (no --max-len-* in eval_*.sh);
+# profile tokens: --max-tokens of the single-GPU profiling run; stopping: --max-update or --max-epoch;
+# averaging: the last 10 epoch checkpoints (IWSLT epochs 81-90, En-De 91-100, En-Fr 41-50).
+PAPER_RECIPES = [
+    # config, arg, profile tokens, train.num_steps (None: no update limit), train.num_epochs (0: none)
+    ('iwslt14_de_en', None, 4096, 100_000, 0),
+    ('wmt14_en_de', '6', 8192, 500_000, 0),
+    ('wmt14_en_de', '18,pre_ln', 8192, 500_000, 0),
+    ('wmt14_en_fr', '6', 8000, None, 50),
+    ('wmt14_en_fr', '60', 5000, None, 50),
+]
+
+
+@pytest.mark.parametrize('name, arg, profile_tokens, num_steps, num_epochs', PAPER_RECIPES)
+def test_paper_recipes_decode_profile_stop_and_average_as_the_authors(name, arg, profile_tokens, num_steps,
+                                                                       num_epochs):
+  import importlib
+
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  cli.validate(config)
+  assert (config.eval.max_len_a, config.eval.max_len_b) == (0, 200)
+  assert config.data.max_len >= 200 + 1  # the output cap (EOS included) does not cut fairseq's 200 tokens
+  assert config.admin.profile_tokens == profile_tokens
+  assert config.train.num_epochs == num_epochs
+  assert config.train.num_steps == num_steps if num_steps else config.train.num_steps >= 10 ** 9
+  assert config.checkpoint.every_epochs == 1 and config.checkpoint.keep >= 10  # avg:10 finds 10 epochs

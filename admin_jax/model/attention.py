@@ -160,7 +160,7 @@ def attend(query: jax.Array | Part, key: jax.Array | Part, value: jax.Array | Pa
     query = query * jnp.asarray(scale, query.dtype)
     if impl == 'xla' or query.shape[1] == 1:
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
-      probs = _softmax(jnp.where(mask, logits, _MASKED))
+      probs = _softmax(jnp.where(mask, logits, max(_MASKED, float(jnp.finfo(logits.dtype).min))))  # float16: -65504
       return jnp.einsum('bhqk,bkhd->bqhd', dropout.apply_to_probabilities(probs, dropout_rate, rng), value)
     if rng is not None and dropout_rate > 0:
       raise ValueError("cuDNN attention has no dropout: set model.attention_dropout=0")
