@@ -105,9 +105,17 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """Ways the batch dimension is split: over data and fsdp, and at least once per process."""
-  return int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
+def batch_shards(mesh: Mesh, process_count: int | None = None) -> int:
+  """Ways the batch dimension is split: over data and fsdp, and at least once per process (of this
+  run, or `process_count` of a run planned elsewhere)."""
+  return int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], process_count or jax.process_count()))
+
+
+def check_batch_rows(rows: int, mesh: Mesh, process_count: int | None = None) -> None:
+  """Refuses a global batch of `rows` that the mesh's batch shards cannot split evenly."""
+  if rows % (ways := batch_shards(mesh, process_count)):
+    raise UserError(f'a batch of {rows} rows does not split over the {ways} batch shards of mesh {dict(mesh.shape)}: '
+                    'make data.tokens_per_batch // data.max_len a multiple of it')
 
 
 def round_to_batch_shards(rows: int, mesh: Mesh) -> int:
@@ -125,10 +133,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool =
   for name, array in local.items():
     global_shape = list(array.shape)
     global_shape[1 if micro_batched else 0] *= jax.process_count()
-    if global_shape[1 if micro_batched else 0] % batch_shards(mesh):
-      raise UserError(f'a batch of {global_shape[1 if micro_batched else 0]} rows does not split over the '
-                      f'{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}: make '
-                      'data.tokens_per_batch // data.max_len a multiple of it')
+    check_batch_rows(global_shape[1 if micro_batched else 0], mesh)
     out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape, micro_batched), array,
                                                        tuple(global_shape))
   return out
