@@ -39,6 +39,7 @@ _MFU = flags.DEFINE_float('mfu', 0.4, "Fraction of the chips' bf16 peak that the
 _DUMP_DIR = flags.DEFINE_string('dump_dir', '', 'Also write the optimised programs here (train_step.hlo.txt, '
                                 'profiling_pass.hlo.txt).')
 
+SLOW_UNROLLED_LAYERS = 24  # encoder + decoder layers beyond which an unrolled stack compiles for tens of minutes
 BATCH_KEYS = ('inputs', 'inputs_segmentation', 'inputs_position', 'targets', 'targets_segmentation',
               'targets_position')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -102,17 +103,29 @@ def _ways_to_lower(config: ml_collections.ConfigDict, target: targets.Target) ->
   return ', '.join(ways) + ', or a larger slice'
 
 
+def check_micro_batch(config: ml_collections.ConfigDict, target: targets.Target) -> None:
+  """What the first batch of a real run on `target` would refuse, before any compiling."""
+  rows = config.data.tokens_per_batch // config.data.max_len
+  if rows < 1:
+    raise UserError(f'data.tokens_per_batch // data.max_len = {config.data.tokens_per_batch} // '
+                    f'{config.data.max_len} = 0 rows')
+  mesh = jax.sharding.AbstractMesh(sharding.mesh_sizes(config.mesh, target.chips), sharding.MESH_AXES)
+  sharding.check_batch_rows(rows, mesh, target.hosts)
+
+
 def plan(config: ml_collections.ConfigDict, target: targets.Target, devices: list[jax.Device],
          mfu: float, dump_dir: str = '') -> dict:
   """Compiles the config's train step (and Admin's profiling pass) for `devices` of `target`; the record."""
   model_cfg = TransformerConfig.from_config(config, config.data.vocab_size)
   mesh = sharding.make_mesh(config.mesh, devices)
-  rows, length, accum = config.data.tokens_per_batch // config.data.max_len, config.data.max_len, config.train.grad_accum
-  if rows < 1:
-    raise UserError(f'data.tokens_per_batch // data.max_len = {config.data.tokens_per_batch} // {length} = 0 rows')
-  sharding.check_batch_rows(rows, mesh, target.hosts)  # what the first batch of a real run would refuse
+  length, accum = config.data.max_len, config.train.grad_accum
+  rows = config.data.tokens_per_batch // length
   print(f'compiling for {target.name} ({target.chips} x {devices[0].device_kind}, mesh {dict(mesh.shape)})...',
         file=sys.stderr, flush=True)
+  if (layers := model_cfg.num_encoder_layers + model_cfg.num_decoder_layers) > SLOW_UNROLLED_LAYERS and not \
+      model_cfg.scan_layers:
+    print(f'note: {layers} unrolled layers take long to compile (18L-18L: 20 minutes and 18 GB of host memory on a '
+          '2-core host); --config.model.scan_layers=true compiles in minutes', file=sys.stderr, flush=True)
   tx, schedule = optim.make_optimizer(config.train)
   setup, abstract_state = train_step_lib.abstract_train_state(model_cfg, tx, schedule, mesh, config.train.seed,
                                                               config.train.prng_impl)
@@ -172,7 +185,7 @@ def _summary(record: dict) -> str:
   return (f"{record['target']} ({record['chips']} x {record['device_kind']}, mesh {record['mesh']}): "
           f"{'fits' if record['fits'] else 'does NOT fit'}, {needed} of {gib(record['memory_available_bytes'])} "
           f"per chip; compiled in {record['compile_seconds']:.0f} s; {record['num_steps']:,} steps of "
-          f"{record['flops_per_step']:.3g} FLOPs in about {record['estimated_days']:.1f} days at "
+          f"{record['flops_per_step']:.3g} FLOPs in about {record['estimated_days'] * 24:.1f} hours at "
           f"{record['mfu']:.0%} MFU")
 
 
@@ -184,6 +197,7 @@ def main(argv):
   except ValueError as error:
     raise UserError(str(error)) from None
   targets.refuse_gpu_kernels(config.model, target.platform, target.name)
+  check_micro_batch(config, target)
   devices = deviceless.compile_only_devices(target)  # before anything starts JAX's backends
   try:
     record = plan(config, target, devices, _MFU.value, _DUMP_DIR.value)

@@ -1,6 +1,6 @@
 """Compiles every row of README "Reproducing the paper" for the hardware it names; rewrites the rows' last cell.
 
-    python scripts/compile_readme_table.py [--plans=workdirs/compile_plans] [--only=v4-8,...]
+    python scripts/compile_readme_table.py [--plans=workdirs/compile_plans] [--only=v4-8,...] [--table_only]
 
 Each row's recipe (residual `admin`: its train step and profiling pass) goes through `python -m
 admin_jax.compile` for its TPU slice and its GPUs, one compile at a time: a deep model takes
@@ -26,6 +26,7 @@ README = REPO / 'README.md'
 
 _PLANS = flags.DEFINE_string('plans', str(REPO / 'workdirs' / 'compile_plans'), 'Where the plans are kept.')
 _ONLY = flags.DEFINE_list('only', [], 'Compile only these targets (the table is rewritten from every plan kept).')
+_TABLE_ONLY = flags.DEFINE_bool('table_only', False, 'Compile nothing: rewrite the table from the plans kept.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,15 @@ def _describe(row: Row, target: str) -> str:
     return f'{target}: no plan compiled yet'
   record = json.loads(plan.read_text())
   scanned = ', scanned' if row.overrides == SCANNED else ''
-  return (f"{target} ({record['chips']} chips{scanned}): {record['memory_needed_bytes'] / 2 ** 30:.1f} of "
+  chips = f"{record['chips']} chip{'s' if record['chips'] > 1 else ''}"
+  return (f"{target} ({chips}{scanned}): {record['memory_needed_bytes'] / 2 ** 30:.1f} of "
           f"{record['memory_available_bytes'] / 2 ** 30:.2f} GiB per chip, compiled in "
-          f"{record['compile_seconds'] / 60:.0f} min, about {record['estimated_days']:.1f} days")
+          f"{record['compile_seconds'] / 60:.0f} min, about {_duration(record['estimated_days'])}")
+
+
+def _duration(days: float) -> str:
+  return f'{days:.1f} days' if days >= 1 else f'{days * 24:.1f} hours'
+
 
 
 def rewrite_readme() -> None:
@@ -107,7 +114,7 @@ def main(argv):
   # Every slice before any GPU, the largest recipes (the table's last rows) first.
   for row, target in [(row, row.tpu) for row in ROWS[::-1]] + [(row, row.gpus) for row in ROWS[::-1]]:
     done = _plan_path(row, target, 'json').exists() or _plan_path(row, target, 'err').exists()
-    if not done and (not _ONLY.value or target in _ONLY.value):
+    if not (done or _TABLE_ONLY.value) and (not _ONLY.value or target in _ONLY.value):
       compile_row(row, target)
       rewrite_readme()
   rewrite_readme()
