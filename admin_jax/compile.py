@@ -95,7 +95,7 @@ def _ways_to_lower(config: ml_collections.ConfigDict, target: targets.Target) ->
   """The settings that lower memory per chip that this config does not use yet."""
   ways = ['fewer data.tokens_per_batch with more train.grad_accum (the same tokens per update)']
   if config.model.remat != 'full':
-    ways.append('model.remat=dots or full')
+    ways.append('model.remat=full' if config.model.remat == 'dots' else 'model.remat=dots or full')
   if config.mesh.fsdp == 1 and target.chips > 1:
     ways.append('mesh.fsdp>1 (parameters and optimizer state split over chips)')
   if not config.train.loss_chunk_tokens:
