@@ -106,6 +106,17 @@ def test_rows_that_do_not_split_over_the_slice_are_refused_before_compiling():
   assert 'compiling' not in result.stderr
 
 
+def test_rows_split_over_every_host_of_a_slice():
+  """Each host of a v5e-16 (4 of them) reads its own rows, even where the mesh splits no batch (all tensor)."""
+  config = demo.get_config()
+  config.mesh.data, config.mesh.tensor = 1, 16
+  config.data.tokens_per_batch = 6 * config.data.max_len
+  with pytest.raises(UserError, match=r'^a batch of 6 rows does not split over the 4 batch shards of mesh'):
+    compile_job.check_micro_batch(config, targets.resolve('v5e-16'))
+  config.data.tokens_per_batch = 8 * config.data.max_len
+  compile_job.check_micro_batch(config, targets.resolve('v5e-16'))
+
+
 def test_gpu_only_kernels_are_refused_on_a_tpu():
   model = demo.get_config().model
   model.attention_impl, model.layer_norm_impl = 'flash', 'pallas'
