@@ -147,7 +147,7 @@ def _tpu_devices(target: targets.Target) -> list[jax.Device]:
   jax.config.update('jax_platforms', 'cpu')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
-  options = {'chip_config_name': 'megacore'} if target.chip_name in ('v4', 'v5p') else {}
+  options = {'chip_config_name': 'megacore'} if target.megacore else {}
   if target.chips == 1:
     options['chips_per_host_bounds'] = (1, 1, 1)
   return list(topologies.get_topology_desc(platform='tpu', topology_name=target.topology, **options).devices)

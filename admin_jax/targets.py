@@ -80,6 +80,7 @@ class Target:
   chips: int
   hosts: int
   topology: str  # libtpu's topology name ('v4:2x2x1'), or slices x hosts x GPUs for CUDA ('1x1x8')
+  megacore: bool = False  # a TPU chip's two TensorCores act as one device (v4, v5p)
 
 
 def _tpu(name: str, generation: TpuGeneration, size: int) -> Target:
@@ -90,7 +91,7 @@ def _tpu(name: str, generation: TpuGeneration, size: int) -> Target:
                      f'{"TensorCores" if generation.cores_per_chip > 1 else "chips"}')
   hosts = 1 if generation.cores_per_chip == 1 and chips <= 8 else max(1, chips // generation.chips_per_host)
   return Target(name, 'tpu', generation.chip, TPU_CHIPS[generation.chip], chips, hosts,
-                f'{generation.topology_prefix}:{generation.layouts[chips]}')
+                f'{generation.topology_prefix}:{generation.layouts[chips]}', generation.cores_per_chip > 1)
 
 
 def resolve(name: str) -> Target:
