@@ -10,6 +10,7 @@ stderr. Exits 0 when the plan fits and 1, with one line saying what lowers it, w
 """
 
 import collections
+import functools
 import json
 import re
 import sys
@@ -45,6 +46,10 @@ BATCH_KEYS = ('inputs', 'inputs_segmentation', 'inputs_position', 'targets', 'ta
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _COLLECTIVE = re.compile(r'= (.+?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(')
 _ARRAY = re.compile(r'\b(pred|[a-z]+\d+\w*)\[([\d,]*)\]')  # f32[512,2048], bf16[8], s32[], pred[4]
+_COMPUTATION = re.compile(r'^(ENTRY )?%([\w.-]+) .*\{$')  # a computation's first line
+_CALLEES = re.compile(r'\b(?:calls|to_apply|body|branch_computations|true_computation|false_computation)=\{?'
+                      r'(%[\w.-]+(?:, %[\w.-]+)*)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 class DoesNotFit(Exception):
@@ -56,20 +61,52 @@ def _array_bytes(dtype: str, dims: str) -> int:
   return max(1, bits // 8) * int(np.prod([int(d) for d in dims.split(',') if d]))
 
 
+def _collective_bytes(result: str, kind: str, asynchronous: bool) -> int:
+  """Bytes of a collective's output, from its result shape; an asynchronous start's result also holds
+  scalar contexts, and a gather's or a permute's its operands before its outputs."""
+  arrays = _ARRAY.findall(result)
+  if asynchronous:
+    arrays = [array for array in arrays if array[1]]
+    if kind in ('all-gather', 'collective-permute'):
+      arrays = arrays[len(arrays) // 2:]
+  return sum(_array_bytes(dtype, dims) for dtype, dims in arrays)
+
+
 def collectives(program: str) -> dict[str, dict[str, int]]:
-  """Count and result bytes per chip of each kind of collective in an optimised HLO program. Each
-  instruction counts once, also inside a loop body (a scan over layers runs it once per layer); an
-  asynchronous pair counts at its start, whose result ends with the output."""
-  found = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
-  for result, kind, start in _COLLECTIVE.findall(program):
-    arrays = _ARRAY.findall(result)
-    if start:
-      arrays = [array for array in arrays if array[1]]  # less the scalar contexts
-      if kind in ('all-gather', 'collective-permute'):
-        arrays = arrays[len(arrays) // 2:]  # (operands..., outputs...)
-    found[kind]['count'] += 1
-    found[kind]['bytes'] += sum(_array_bytes(dtype, dims) for dtype, dims in arrays)
-  return dict(found)
+  """How many collectives of each kind one step runs per chip, and the bytes of their outputs, in an
+  optimised HLO program: each counts as often as it runs, a loop body's (a scan over layers or over
+  micro-batches) once per iteration that XLA knows of."""
+  found_in, calls, entry, current = collections.defaultdict(list), collections.defaultdict(list), None, None
+  for line in program.splitlines():
+    if header := _COMPUTATION.match(line):
+      current = header.group(2)
+      entry = current if header.group(1) else entry
+      continue
+    if current is None:
+      continue
+    if collective := _COLLECTIVE.search(line):
+      result, kind, start = collective.groups()
+      found_in[current].append((kind, _collective_bytes(result, kind, bool(start))))
+    for callees in _CALLEES.findall(line):
+      trips = _TRIP_COUNT.search(line) if ' while(' in line else None
+      calls[current] += [(callee.lstrip('%'), int(trips.group(1)) if trips else 1) for callee in callees.split(', ')]
+  totals = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+
+  @functools.cache
+  def holds_collectives(computation: str) -> bool:
+    return bool(found_in[computation]) or any(holds_collectives(callee) for callee, _ in calls[computation])
+
+  def visit(computation: str, runs: int) -> None:
+    for kind, size in found_in[computation]:
+      totals[kind]['count'] += runs
+      totals[kind]['bytes'] += runs * size
+    for callee, times in calls[computation]:
+      if holds_collectives(callee):
+        visit(callee, runs * times)
+
+  if entry:
+    visit(entry, 1)
+  return dict(totals)
 
 
 def _compiled(part: str, function, *args) -> tuple[jax.stages.Compiled, float]:

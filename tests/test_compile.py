@@ -148,17 +148,38 @@ def test_unknown_targets_are_refused(name):
     targets.resolve(name)
 
 
-def test_collectives_count_each_kind_and_its_output_bytes():
-  program = '''
-  %ar = bf16[1024]{0} all-reduce(bf16[1024]{0} %x), replica_groups={}
+def test_collectives_count_each_run_and_its_output_bytes():
+  """A loop body's collectives run once per iteration (a scan over 6 layers inside one over 3 micro-batches);
+  an asynchronous start's result holds scalar contexts, and a gather's its operands before its outputs."""
+  program = '''HloModule m
+
+%layer (p: f32[8]) -> f32[8] {
+  %ar = bf16[1024]{0} all-reduce(bf16[1024]{0} %x), replica_groups={}, to_apply=%add
+  %f = f32[1024]{0} fusion(bf16[1024]{0} %ar), kind=kLoop, calls=%gather
+}
+
+%gather (p: f32[4,8]) -> f32[16,8] {
   %ags = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dimensions={0}
   %agd = f32[16,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[16,8]{1,0}) %ags)
+}
+
+%micro_batch (p: f32[8]) -> f32[8] {
+  %w = f32[8] while(f32[8] %p), condition=%cond, body=%layer, backend_config={"known_trip_count":{"n":"6"}}
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %w = f32[8] while(f32[8] %p), condition=%cond, body=%micro_batch, backend_config={"known_trip_count":{"n":"3"}}
   %cps = (s32[2,3]{1,0}, s32[2,3]{1,0}, u32[], u32[]) collective-permute-start(s32[2,3]{1,0} %q)
   %rs = (f32[2]{0}, pred[8]{0}) reduce-scatter(f32[8]{0} %a, pred[32]{0} %b), dimensions={0}
-  %f = f32[1024]{0} fusion(bf16[1024]{0} %ar), calls=%all-reduce.1
-  '''
+  %f = f32[1024]{0} fusion(bf16[1024]{0} %rs), calls=%all-reduce.1
+}
+'''
   assert compile_job.collectives(program) == {
-      'all-reduce': {'count': 1, 'bytes': 2 * 1024}, 'all-gather': {'count': 1, 'bytes': 4 * 16 * 8},
+      'all-reduce': {'count': 18, 'bytes': 18 * 2 * 1024}, 'all-gather': {'count': 18, 'bytes': 18 * 4 * 16 * 8},
       'collective-permute': {'count': 1, 'bytes': 4 * 6}, 'reduce-scatter': {'count': 1, 'bytes': 4 * 2 + 8}}
 
 
