@@ -50,6 +50,8 @@ _COMPUTATION = re.compile(r'^(ENTRY )?%([\w.-]+) .*\{$')  # a computation's firs
 _CALLEES = re.compile(r'\b(?:calls|to_apply|body|branch_computations|true_computation|false_computation)=\{?'
                       r'(%[\w.-]+(?:, %[\w.-]+)*)')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r'\bcondition=%([\w.-]+)')
+_COUNTER_BOUND = re.compile(r'= s32\[\]\S* constant\((\d+)\)')  # a scan's `i < N`, its counter from 0
 
 
 class DoesNotFit(Exception):
@@ -75,8 +77,9 @@ def _collective_bytes(result: str, kind: str, asynchronous: bool) -> int:
 def collectives(program: str) -> dict[str, dict[str, int]]:
   """How many collectives of each kind one step runs per chip, and the bytes of their outputs, in an
   optimised HLO program: each counts as often as it runs, a loop body's (a scan over layers or over
-  micro-batches) once per iteration that XLA knows of."""
+  micro-batches) once per iteration, by XLA's known trip count or the loop condition's `i < N`."""
   found_in, calls, entry, current = collections.defaultdict(list), collections.defaultdict(list), None, None
+  bounds, loops = collections.defaultdict(list), []  # counter bounds by computation; (caller, body, trips, cond)
   for line in program.splitlines():
     if header := _COMPUTATION.match(line):
       current = header.group(2)
@@ -87,9 +90,17 @@ def collectives(program: str) -> dict[str, dict[str, int]]:
     if collective := _COLLECTIVE.search(line):
       result, kind, start = collective.groups()
       found_in[current].append((kind, _collective_bytes(result, kind, bool(start))))
+    if bound := _COUNTER_BOUND.search(line):
+      bounds[current].append(int(bound.group(1)))
+    if ' while(' in line:
+      trips = _TRIP_COUNT.search(line)
+      loops.append((current, _CALLEES.search(line).group(1).lstrip('%'), int(trips.group(1)) if trips else None,
+                    _CONDITION.search(line).group(1)))
+      continue
     for callees in _CALLEES.findall(line):
-      trips = _TRIP_COUNT.search(line) if ' while(' in line else None
-      calls[current] += [(callee.lstrip('%'), int(trips.group(1)) if trips else 1) for callee in callees.split(', ')]
+      calls[current] += [(callee.lstrip('%'), 1) for callee in callees.split(', ')]
+  for caller, body, trips, condition in loops:  # without XLA's count, the condition's one bound, else once
+    calls[caller].append((body, trips or (bounds[condition][0] if len(bounds[condition]) == 1 else 1)))
   totals = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
 
   @functools.cache

@@ -149,7 +149,8 @@ def test_unknown_targets_are_refused(name):
 
 
 def test_collectives_count_each_run_and_its_output_bytes():
-  """A loop body's collectives run once per iteration (a scan over 6 layers inside one over 3 micro-batches);
+  """A loop body's collectives run once per iteration (a scan over 6 layers, by XLA's count, inside one over
+  3 micro-batches, by its condition);
   an asynchronous start's result holds scalar contexts, and a gather's its operands before its outputs."""
   program = '''HloModule m
 
@@ -167,12 +168,18 @@ def test_collectives_count_each_run_and_its_output_bytes():
   %w = f32[8] while(f32[8] %p), condition=%cond, body=%layer, backend_config={"known_trip_count":{"n":"6"}}
 }
 
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT
+}
+
 %add (a: f32[], b: f32[]) -> f32[] {
   %s = f32[] add(f32[] %a, f32[] %b)
 }
 
 ENTRY %main (p: f32[8]) -> f32[8] {
-  %w = f32[8] while(f32[8] %p), condition=%cond, body=%micro_batch, backend_config={"known_trip_count":{"n":"3"}}
+  %w = f32[8] while(f32[8] %p), condition=%cond, body=%micro_batch
   %cps = (s32[2,3]{1,0}, s32[2,3]{1,0}, u32[], u32[]) collective-permute-start(s32[2,3]{1,0} %q)
   %rs = (f32[2]{0}, pred[8]{0}) reduce-scatter(f32[8]{0} %a, pred[32]{0} %b), dimensions={0}
   %f = f32[1024]{0} fusion(bf16[1024]{0} %rs), calls=%all-reduce.1
