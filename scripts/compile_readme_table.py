@@ -88,7 +88,11 @@ def _describe(row: Row, target: str) -> str:
   chips = f"{record['chips']} chip{'s' if record['chips'] > 1 else ''}"
   return (f"{target} ({chips}{scanned}): {record['memory_needed_bytes'] / 2 ** 30:.1f} of "
           f"{record['memory_available_bytes'] / 2 ** 30:.2f} GiB per chip, compiled in "
-          f"{record['compile_seconds'] / 60:.0f} min, about {_duration(record['estimated_days'])}")
+          f"{_seconds(record['compile_seconds'])}, about {_duration(record['estimated_days'])}")
+
+
+def _seconds(seconds: float) -> str:
+  return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.0f} min'
 
 
 def _duration(days: float) -> str:
