@@ -5,9 +5,6 @@ random, fully packed rows, so the figures measure the model and not the input pi
 one JSON line per preset on stdout; progress goes to stderr. Omega keeps its initial value
 (no profiling pass): it changes no shape and no FLOP.
 
-With `--target=h100|h200` it compiles the step for that GPU without one (admin_jax/deviceless.py)
-and reports compile time and XLA's memory plan against the card's memory instead of timing steps.
-
 `peak_memory_bytes` from the device's allocator is the process's peak so far, so with several
 presets in one process a later preset reports at least the earlier ones' peak; run one preset
 per process (as benchmarks/gpu_bench.sh does) for exact figures.
@@ -31,7 +28,6 @@ import numpy as np
 from tqdm import tqdm
 
 from admin_jax import cli
-from admin_jax import deviceless
 from admin_jax import files
 from admin_jax import flops
 from admin_jax import optim
@@ -92,10 +88,7 @@ _UNROLLED_DECODER_LAYERS = flags.DEFINE_integer('unrolled_decoder_layers', 0, 'W
                                                 lower_bound=0)
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
                                  'ops.csv (device time per XLA op), hlo.txt (the optimised program) and '
-                                 'traffic.csv (its estimated memory traffic per op); with --target, the last two.')
-_TARGET = flags.DEFINE_enum('target', None, list(deviceless.TARGETS),
-                            'Compile only, for this GPU (which this machine need not have): report compile time '
-                            'and memory, time no step.')
+                                 'traffic.csv (its estimated memory traffic per op).')
 _INPUT = flags.DEFINE_bool('input', False, 'Time the training input pipeline alone instead, at --config\'s shapes '
                            'and data.workers (admin_jax/data/throughput.py).')
 flags.register_multi_flags_validator(
@@ -256,22 +249,21 @@ def _described(preset: Preset, options: Options) -> dict:
   }
 
 
-def _train_step(preset: Preset, options: Options, devices: list[jax.Device] | None = None):
-  """(jitted train step, Setup, abstract state, micro-batch sharding) of the preset, on a mesh of
-  `devices` (default: all)."""
+def _train_step(preset: Preset, options: Options):
+  """(jitted train step, Setup) of the preset, on a mesh of all devices."""
   config = default.get_config()
   config.train.loss_chunk_tokens = options.loss_chunk_tokens
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.train)
-  setup, abstract_state = train_step_lib.abstract_train_state(model_config(preset, options), tx, schedule, mesh,
-                                                              SEED, options.prng_impl)
+  setup, _ = train_step_lib.abstract_train_state(model_config(preset, options), tx, schedule, mesh, SEED,
+                                                 options.prng_impl)
   batch_sharding = sharding.batch_sharding(mesh, (1, preset.batch, preset.seq_len), micro_batched=True)
-  return train_step_lib.jit_train_step(setup, config.train, batch_sharding), setup, abstract_state, batch_sharding
+  return train_step_lib.jit_train_step(setup, config.train, batch_sharding), setup
 
 
 def _compiled(name: str, step_fn, *args) -> tuple[jax.stages.Compiled, float]:
   """The step compiled for `args`, and the seconds that took (lowering included). XLA's refusal (a
-  program too large for the target, a flag it cannot honour) becomes one line naming the preset."""
+  flag it cannot honour, say) becomes one line naming the preset."""
   start = time.perf_counter()
   try:
     compiled = step_fn.lower(*args).compile()
@@ -280,46 +272,10 @@ def _compiled(name: str, step_fn, *args) -> tuple[jax.stages.Compiled, float]:
   return compiled, time.perf_counter() - start
 
 
-def compile_for_target(name: str, preset: Preset, options: Options, devices: list[jax.Device],
-                       target: deviceless.GpuTarget, hlo_dir: str = '') -> dict:
-  """Compiles the train step of one preset for compile-only `devices` of `target`; returns the record,
-  and writes the optimised program (hlo.txt) and its traffic by op (traffic.csv) to `hlo_dir` if given.
-
-  `memory_needed_bytes` is XLA's plan: working memory plus the state and batch, less the donated
-  state that the new one reuses.
-  """
-  step_fn, setup, abstract_state, batch_sharding = _train_step(preset, options, devices)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                       setup.state_shardings)
-  batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=batch_sharding)
-           for k, v in random_packed_batch(preset).items()}
-  with jax.set_mesh(setup.mesh):
-    compiled, compile_seconds = _compiled(name, step_fn, state, batch)
-  plan = compiled.memory_analysis()
-  needed = (plan.temp_size_in_bytes + plan.argument_size_in_bytes + plan.output_size_in_bytes
-            - plan.alias_size_in_bytes)
-  pool = deviceless.pool_bytes(target)
-  return {
-      'preset': name,
-      'device': devices[0].device_kind,
-      'compile_only': True,
-      'n_devices': len(devices),
-      'compile_seconds': compile_seconds,
-      'compiled_temp_bytes': int(plan.temp_size_in_bytes),
-      'memory_needed_bytes': int(needed),
-      'device_memory_bytes': target.memory_bytes,
-      'allocator_pool_bytes': pool,
-      'fits': bool(needed <= pool),
-      **_program_traffic(compiled, hlo_dir),
-      'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
-      **_described(preset, options),
-  }
-
-
 def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_steps: int, matmul_peak: float,
               trace_dir: str = '') -> dict:
   """Compiles and times the train step of one preset; returns the JSON record."""
-  step_fn, setup, _, _ = _train_step(preset, options)
+  step_fn, setup = _train_step(preset, options)
   state = train_step_lib.initial_state(setup, SEED)
   local = {k: v[None] for k, v in random_packed_batch(preset).items()}  # one micro-batch
   micro_batches = sharding.global_batch(local, setup.mesh, micro_batched=True)
@@ -372,16 +328,10 @@ def main(argv):
                     unrolled_decoder_layers=_UNROLLED_DECODER_LAYERS.value, layer_norm_impl=_LAYER_NORM_IMPL.value,
                     stream_dtype=_STREAM_DTYPE.value)
   names = _PRESET.value
-  # A target's compile-only devices must come before anything starts JAX's backends.
-  devices = deviceless.compile_only_devices(_TARGET.value) if _TARGET.value else None
-  matmul_peak = None if devices else flops.measured_matmul_tflops()
+  matmul_peak = flops.measured_matmul_tflops()
   for name in tqdm(names, desc='presets', unit='preset', disable=len(names) == 1):
     trace_dir = _TRACE_DIR.value if name == names[-1] else ''
-    if devices:
-      record = compile_for_target(name, PRESETS[name], options, devices, deviceless.TARGETS[_TARGET.value],
-                                  trace_dir)
-    else:
-      record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
+    record = benchmark(name, PRESETS[name], options, _STEPS.value, _WARMUP_STEPS.value, matmul_peak, trace_dir)
     print(json.dumps(record), flush=True)
 
 

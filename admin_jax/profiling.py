@@ -7,6 +7,7 @@ carry their own running scalar r through their scanned layers; see `model/residu
 Only omega changes: every other parameter keeps its initial value.
 """
 
+from collections.abc import Callable
 import dataclasses
 import json
 
@@ -39,14 +40,20 @@ Omegas = dict[str, np.ndarray]
 def profile_omegas(setup: Setup, state: TrainState, batch: dict[str, jax.Array], *,
                    mask_padding: bool) -> Omegas:
   """Runs the pass on `batch` (one micro-batch, sharded like training) with step 0's dropout key."""
+  with jax.set_mesh(setup.mesh):
+    omegas = profile_pass(setup, mask_padding=mask_padding)(state, batch)
+  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in omegas.items()}
+
+
+def profile_pass(setup: Setup, *, mask_padding: bool) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
+  """The pass as one jitted function of (state, batch) to omegas: what a run computes, and what
+  `admin_jax.compile` plans for a target, since it can need more memory than a train step."""
 
   def run(state, batch):
     rng = micro_batch_rng(step_rng(setup, state), 0)
     return model_from(setup, state.params).profile_omegas(batch, rng=rng, mask_padding=mask_padding)
 
-  with jax.set_mesh(setup.mesh):
-    omegas = jax.jit(run)(state, batch)
-  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in omegas.items()}
+  return jax.jit(run)
 
 
 def profile_batch(first: dict[str, np.ndarray], profile_tokens: int,

@@ -68,22 +68,27 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, dict(mesh.shape)))
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes what is left."""
-  devices = list(devices if devices is not None else jax.devices())
+def mesh_sizes(mesh_config: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
+  """The (data, fsdp, tensor) sizes of the config's mesh over `device_count` devices; -1 takes what is left."""
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise UserError(f'config mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise UserError(f'config mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices')
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if device_count % known:
+      raise UserError(f'config mesh {dict(zip(MESH_AXES, sizes))} does not divide {device_count} devices')
+    sizes[sizes.index(-1)] = device_count // known
+  if int(np.prod(sizes)) != device_count:
     raise UserError(f'config mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-                    f'{len(devices)} are available')
+                    f'{device_count} are available')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes what is left."""
+  devices = list(devices if devices is not None else jax.devices())
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  return jax.make_mesh(mesh_sizes(mesh_config, len(devices)), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def tree_shardings(abstract_tree, mesh: Mesh):
@@ -105,9 +110,17 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """Ways the batch dimension is split: over data and fsdp, and at least once per process."""
-  return int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
+def batch_shards(mesh: Mesh | jax.sharding.AbstractMesh, process_count: int | None = None) -> int:
+  """Ways the batch dimension is split: over data and fsdp, and at least once per process (of this
+  run, or `process_count` of a run planned elsewhere)."""
+  return int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], process_count or jax.process_count()))
+
+
+def check_batch_rows(rows: int, mesh: Mesh | jax.sharding.AbstractMesh, process_count: int | None = None) -> None:
+  """Refuses a global batch of `rows` that the mesh's batch shards cannot split evenly."""
+  if rows % (ways := batch_shards(mesh, process_count)):
+    raise UserError(f'a batch of {rows} rows does not split over the {ways} batch shards of mesh {dict(mesh.shape)}: '
+                    'make data.tokens_per_batch // data.max_len a multiple of it')
 
 
 def round_to_batch_shards(rows: int, mesh: Mesh) -> int:
@@ -125,10 +138,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, micro_batched: bool =
   for name, array in local.items():
     global_shape = list(array.shape)
     global_shape[1 if micro_batched else 0] *= jax.process_count()
-    if global_shape[1 if micro_batched else 0] % batch_shards(mesh):
-      raise UserError(f'a batch of {global_shape[1 if micro_batched else 0]} rows does not split over the '
-                      f'{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}: make '
-                      'data.tokens_per_batch // data.max_len a multiple of it')
+    check_batch_rows(global_shape[1 if micro_batched else 0], mesh)
     out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape, micro_batched), array,
                                                        tuple(global_shape))
   return out

@@ -23,6 +23,7 @@ from admin_jax import metrics as metrics_lib
 from admin_jax import optim
 from admin_jax import profiling
 from admin_jax import sharding
+from admin_jax import targets
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import pipeline
 from admin_jax.data import tokenizer as tokenizer_lib
@@ -146,6 +147,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tokenizer = tokenizer_lib.load_or_train_tokenizer(config, workdir)
   model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
+  targets.refuse_gpu_kernels(config.model, jax.devices()[0].platform, jax.devices()[0].device_kind)
   tx, schedule = optim.make_optimizer(config.train)
   setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed,
                                                    config.train.prng_impl)

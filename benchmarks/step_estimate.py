@@ -1,7 +1,8 @@
 """A planned train step's time on an H200, priced part by part at the rates call D's trace measured.
 
-`python -m admin_jax.bench --target=h200 --trace_dir=DIR` writes what XLA would run on the card and
-the bytes each op moves (DIR/traffic.csv), but no time: that needs the card. This prices each part
+`python -m admin_jax.compile --config=... --target=h200 --dump_dir=DIR` writes what XLA would run on
+the card (DIR/train_step.hlo.txt; admin_jax/traffic.py estimates the bytes each op moves), but no time:
+that needs the card. This prices each part
 of such a plan at the rate the same kind of work ran at in call D's trace of big6 on an H200
 (docs/PERF.md, "Tenth session"): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
 sweep's time per layer, the Pallas LayerNorm kernels' and XLA's fusions' bytes at the bandwidths
@@ -10,16 +11,18 @@ scanned big18 plans come within 0.5% and 4.1% of their measured steps. The rates
 flash attention and the Pallas LayerNorm, at the presets' attention shapes (2048 sequence-head
 pairs of 256 x 256 per call), which is all this prices.
 
-  python -m benchmarks.step_estimate big18 DIR/traffic.csv   # from the repository root
+  python -m benchmarks.step_estimate big18 DIR/train_step.hlo.txt   # from the repository root, for a config
+                                                                     # of big18's shapes
 """
 
-import csv
+import dataclasses
 import json
 
 from absl import app, flags
 
 from admin_jax import bench
 from admin_jax import flops
+from admin_jax import traffic
 
 # Call D, H200, big6 unrolled with flash attention and the Pallas LayerNorm, 112.8 ms per step:
 GEMM_FLOPS_PER_S = 41.08e12 / 52.5e-3  # its matmuls' FLOPs (all but attention's) over the GEMMs' time
@@ -34,7 +37,7 @@ _FLASH_MS = flags.DEFINE_float(
 
 
 def _part(row: dict[str, str]) -> str:
-  """Which rate prices an op of traffic.csv."""
+  """Which rate prices an op of the program's traffic."""
   if row['kind'] == 'gemm':
     return 'gemm'
   if 'triton' in row['kind'] and 'flash_attention' in row['op_name']:
@@ -70,12 +73,13 @@ def estimate(preset_name: str, traffic_rows: list[dict[str, str]], flash_ms_per_
 
 def main(argv):
   if len(argv) != 3 or argv[1] not in _PRESETS:
-    raise app.UsageError(f'expected PRESET TRAFFIC_CSV, the preset one of {", ".join(_PRESETS)}')
+    raise app.UsageError(f'expected PRESET PROGRAM, the preset one of {", ".join(_PRESETS)}')
   try:
-    with open(argv[2], newline='') as f:
-      rows = list(csv.DictReader(f))
+    with open(argv[2]) as f:
+      program = f.read()
   except OSError as error:
     raise app.UsageError(f'{argv[2]}: {error.strerror}') from None
+  rows = [{field: str(value) for field, value in dataclasses.asdict(op).items()} for op in traffic.estimate(program)]
   print(json.dumps(estimate(argv[1], rows, _FLASH_MS.value)))
 
 

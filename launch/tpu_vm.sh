@@ -15,6 +15,9 @@ Create a Cloud TPU VM or pod slice, install admin-jax on every worker, train on
 all workers at once and stream worker 0's log, and delete the slice.
 
 Commands:
+  check      on this machine, compile the config's train step for
+             --accelerator-type without a TPU (python -m admin_jax.compile):
+             stops here, non-zero, if it does not fit the slice's chips
   create     create the TPU VM / pod slice
   install    copy --src (or git clone --repo-url) to ~/admin-jax on every
              worker, make the virtual environment ~/admin-jax/.venv with
@@ -24,7 +27,7 @@ Commands:
   logs       stream worker 0's log until its training process exits
   stop       stop the training process on all workers
   delete     delete the TPU VM / pod slice
-  all        create, install, train (with --delete: then delete)
+  all        check, create, install, train (with --delete: then delete)
 
 Options (environment variable defaults in brackets):
   --name NAME               TPU name [TPU_NAME] (default: admin-jax)
@@ -51,6 +54,9 @@ Options (environment variable defaults in brackets):
   --remote-python PY        interpreter for the workers' virtual environment
                             (default: python3.11); a missing PY is installed
                             with apt-get install PY PY-venv
+  --no-check                all: skip the check
+  --python PY               interpreter for the check on this machine
+                            (default: python3)
   --no-follow               train: do not stream the log after starting
   --delete                  delete the slice after the other steps; after
                             train it waits until training ends. Alone, the
@@ -88,6 +94,9 @@ JAX_VERSION=${JAX_VERSION:-}
 REMOTE_PYTHON=python3.11
 FOLLOW=1
 DELETE=0
+CHECK=1
+LOCAL_PYTHON=python3
+CONFIG_OVERRIDES=()  # --config.* overrides, for the check and for training
 TRAIN_ARGS=()  # --config.* overrides and arguments after --
 
 # On each worker, paths relative to the home directory (the virtual
@@ -105,7 +114,7 @@ LIBTPU_FIND_LINKS=https://storage.googleapis.com/jax-releases/libtpu_releases.ht
 
 while (($#)); do
   case $1 in
-    create | install | train | logs | stop | delete | all)
+    check | create | install | train | logs | stop | delete | all)
       [[ -z $COMMAND ]] || die "only one command may be given (got $COMMAND and $1)"
       COMMAND=$1
       shift
@@ -122,12 +131,14 @@ while (($#)); do
     --ref | --ref=*) opt_value "$@"; REF=$OPT_VALUE; shift "$OPT_SHIFT" ;;
     --jax-version | --jax-version=*) opt_value "$@"; JAX_VERSION=$OPT_VALUE; shift "$OPT_SHIFT" ;;
     --remote-python | --remote-python=*) opt_value "$@"; REMOTE_PYTHON=$OPT_VALUE; shift "$OPT_SHIFT" ;;
+    --python | --python=*) opt_value "$@"; LOCAL_PYTHON=$OPT_VALUE; shift "$OPT_SHIFT" ;;
     --spot) SPOT=1; shift ;;
     --no-follow) FOLLOW=0; shift ;;
+    --no-check) CHECK=0; shift ;;
     --delete) DELETE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
-    --config.*) TRAIN_ARGS+=("$1"); shift ;;
+    --config.*) CONFIG_OVERRIDES+=("$1"); TRAIN_ARGS+=("$1"); shift ;;
     --) shift; TRAIN_ARGS+=("$@"); break ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -188,6 +199,13 @@ read_jax_pin() {
 }
 
 # ----- Steps ------------------------------------------------------------------
+
+do_check() {
+  # Compile the run's train step for the slice on this machine (libtpu, no TPU): a config that does not fit
+  # its chips, or whose batch does not split over them, stops here, before a slice is paid for.
+  (cd "$SRC_DIR" && run "$LOCAL_PYTHON" -m admin_jax.compile "--config=$CONFIG" "--target=$ACCELERATOR_TYPE" \
+    "${CONFIG_OVERRIDES[@]}")
+}
 
 do_create() {
   local cmd=(gcloud compute tpus tpu-vm create "$NAME" "${GCLOUD_FLAGS[@]}"
@@ -266,6 +284,7 @@ do_delete() {
 # ----- Main -------------------------------------------------------------------
 
 case $COMMAND in
+  check) do_check ;;
   create) do_create ;;
   install) do_install ;;
   train) do_train ;;
@@ -273,6 +292,9 @@ case $COMMAND in
   stop) do_stop ;;
   delete) do_delete ;;
   all)
+    if [[ $CHECK == 1 ]]; then
+      do_check
+    fi
     do_create
     do_install
     do_train

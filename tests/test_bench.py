@@ -1,13 +1,10 @@
 """The training benchmark runs end to end, and the optimisations it times change no result."""
 
-import collections
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import math
 import pathlib
-import re
 import subprocess
 from typing import Any, NamedTuple
 
@@ -19,7 +16,6 @@ import optax
 import pytest
 
 from admin_jax import bench
-from admin_jax import deviceless
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.errors import UserError
@@ -111,99 +107,6 @@ def assert_traffic_table_adds_up(record: dict, table: pathlib.Path) -> None:
     rows = list(csv.DictReader(f))
   assert rows and sum(int(row['bytes']) for row in rows) == record['traffic_bytes'] > 0
   assert sum(record['traffic_bytes_by_kind'].values()) == record['traffic_bytes']
-
-
-# The CUDA PJRT plugin of the installed jax, kept out of the test environment (`pip install --target
-# .cuda-plugin jax-cuda12-plugin==VERSION`, as .ci/run does): without CUDA or a GPU, XLA compiles for one.
-CUDA_PLUGIN_DIR = REPO / '.cuda-plugin'
-
-
-def _compile_for_h100(env: dict[str, str], *extra: str) -> subprocess.Popen:
-  command = [python(), '-m', 'admin_jax.bench', '--preset=tiny', '--target=h100', '--scan_layers', *extra]
-  return spawn(command, env)
-
-
-@pytest.fixture(scope='module')
-def h100_programs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]]:
-  """The tiny preset compiled for an H100 by two jobs at once (each compiles on one core): with the
-  Pallas kernels, and with a bf16 stream through XLA's LayerNorm; each job's result and trace folder."""
-  found = deviceless.plugin_version([str(CUDA_PLUGIN_DIR)])
-  jaxlib = importlib.metadata.version('jaxlib')
-  # A plugin of another release crashes the jobs' `import jax` (jaxlib 0.11.2 with 0.10.2's) before they can refuse it.
-  assert found == jaxlib, (f'{CUDA_PLUGIN_DIR} holds the CUDA plugin of jaxlib {found}, not {jaxlib}: reinstall it '
-                           'as .ci/run does')
-  env = dict(subprocess_env(), PYTHONPATH=f'{CUDA_PLUGIN_DIR}:{REPO}')
-  env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
-  options = {'pallas': ('--attention_impl=flash', '--layer_norm_impl=pallas'),
-             'bfloat16_stream': ('--stream_dtype=bfloat16',)}
-  traces = {name: tmp_path_factory.mktemp(name) for name in options}
-  children = {name: _compile_for_h100(env, *extra, f'--trace_dir={traces[name]}') for name, extra in options.items()}
-  return {name: (finish(child), traces[name]) for name, child in children.items()}
-
-
-@pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
-def test_compiles_for_a_gpu_this_machine_does_not_have(h100_programs):
-  """--target=h100 on a CPU-only machine: XLA's memory plan for the card and its program (with the
-  Pallas kernels compiled by Triton for it), no step run."""
-  result, trace = h100_programs['pallas']
-  assert result.returncode == 0, result.stderr[-3000:]
-  record = json.loads(result.stdout)
-  assert record['device'] == deviceless.TARGETS['h100'].device_kind and record['compile_only']
-  assert record['scan_layers'] and record['params'] == 232064
-  assert 0 < record['compiled_temp_bytes'] < record['memory_needed_bytes'] < record['allocator_pool_bytes']
-  assert record['fits'] and record['device_memory_bytes'] == 81_559 * 2 ** 20
-  program = (trace / 'hlo.txt').read_text()
-  assert 'while(' in program  # the scanned layers
-  # The Pallas kernels as Triton, not the interpreter that runs them on this CPU, in the scan bodies:
-  # flash forward, dQ and dK/dV for the encoder's and the decoder's self-attention and the
-  # cross-attention; the residual LayerNorm forward and backward for the 2 + 3 sublayers.
-  kernels = collections.Counter(re.search(r'(\w+)/pallas_call', line).group(1) for line in program.splitlines()
-                                if 'custom_call_target="__gpu$xla.gpu.triton"' in line)
-  assert kernels == {'flash_attention_forward': 3, 'flash_attention_dq': 3, 'flash_attention_dkv': 3,
-                     'residual_layer_norm_forward': 5, 'residual_layer_norm_backward': 5}, kernels
-  assert_traffic_table_adds_up(record, trace / 'traffic.csv')
-  assert {'gemm', 'custom-call:__gpu$xla.gpu.triton'} <= set(record['traffic_bytes_by_kind'])
-
-
-@pytest.mark.skipif(not CUDA_PLUGIN_DIR.is_dir(), reason='no .cuda-plugin/: no CUDA PJRT plugin to compile for a GPU')
-def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(h100_programs):
-  """--stream_dtype=bfloat16 under float32 compute (the tiny preset) with XLA's LayerNorm: the GPU
-  program holds the stream as bf16 [batch, length, d_model] arrays. XLA's GPU compiler, allowed
-  excess precision, drops a rounding to bf16 and its reverse, and so kept none before the stream was
-  stored as rounded (`layers.stream_and_copy`); a CPU program keeps them either way."""
-  result, trace = h100_programs['bfloat16_stream']
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(result.stdout)['stream_dtype'] == 'bfloat16'
-  stream = f'bf16[{TINY.batch},{TINY.seq_len},{TINY.d_model}]'
-  assert (trace / 'hlo.txt').read_text().count(stream) > 10
-
-
-def test_allocator_pool_follows_jax_memory_fraction(monkeypatch):
-  h100 = deviceless.TARGETS['h100']
-  assert deviceless.pool_bytes(h100) == int(0.75 * h100.memory_bytes)
-  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
-  assert deviceless.pool_bytes(h100) == h100.memory_bytes // 2
-
-
-@pytest.mark.skipif(deviceless.plugin_installed(), reason='the CUDA PJRT plugin is installed in this environment')
-def test_target_without_the_cuda_plugin_is_one_line_error():
-  result = finish(_compile_for_h100(subprocess_env()))
-  assert result.returncode == 2 and result.stdout == ''
-  assert result.stderr.strip().splitlines() == [
-      f'error: --target=h100 needs the CUDA PJRT plugin of jax {jax.__version__} (no GPU or CUDA): '
-      f'pip install jax-cuda12-plugin=={jax.__version__}']
-
-
-def test_a_cuda_plugin_of_another_jaxlib_is_one_line_error(monkeypatch):
-  """jaxlib skips a plugin built for another release with a warning, and the deviceless compile
-  then crashed (SIGSEGV); the mismatch is named before JAX is touched."""
-  monkeypatch.setattr(deviceless, 'plugin_installed', lambda: True)
-  monkeypatch.setattr(deviceless, 'plugin_version', lambda: '0.0.1')
-  with pytest.raises(UserError) as error:
-    deviceless.compile_only_devices('h100')
-  wanted = importlib.metadata.version('jaxlib')
-  assert str(error.value) == (f'--target=h100 needs the CUDA PJRT plugin of jaxlib {wanted}, not the installed '
-                              f'0.0.1: pip install jax-cuda12-plugin=={wanted}')
 
 
 def test_step_counts_out_of_range_are_one_line_errors():

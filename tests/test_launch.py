@@ -99,7 +99,7 @@ _TPU_ARGS = (
 
 
 def test_tpu_all_runs_every_step_on_all_workers(sandbox):
-  lines = _dry_run(TPU, ['all', *_TPU_ARGS], sandbox.env)
+  lines = _dry_run(TPU, ['all', *_TPU_ARGS, '--no-check'], sandbox.env)
   tarball = f'{sandbox.tmp}/admin-jax-src-admin-v4.tar.gz'
   assert lines[0] == (
       'gcloud compute tpus tpu-vm create admin-v4 --zone=europe-west4-a '
@@ -140,12 +140,31 @@ def test_tpu_all_runs_every_step_on_all_workers(sandbox):
     subprocess.run(['bash', '-n', '-c', _remote_command(line)], check=True)
 
 
+def test_tpu_all_first_compiles_the_config_for_the_slice_here(sandbox):
+  """`check` (the first step of `all`) compiles the run's config, overrides included, for the slice on this
+  machine; a config that does not fit stops the script before `create`."""
+  check = ('python3 -m admin_jax.compile --config=configs/default.py:big --target=v4-32 '
+           '--config.train.num_steps=100')
+  lines = _dry_run(TPU, ['all', *_TPU_ARGS, '--', '--extra'], sandbox.env)
+  assert lines[0] == check and lines[1].startswith('gcloud compute tpus tpu-vm create ')
+  assert _dry_run(TPU, ['check', *_TPU_ARGS, '--python=python3.11'], sandbox.env) == [
+      check.replace('python3', 'python3.11', 1)]
+  fake_python = sandbox.tmp.parent / 'bin' / 'python3'
+  fake_python.write_text(f'#!/bin/sh\necho "python3 $*" >> {shlex.quote(str(sandbox.calls))}\n'
+                         'echo "error: v4-32: needs 40.00 GiB per chip, 30.75 GiB available" >&2\nexit 1\n')
+  fake_python.chmod(0o755)
+  proc = _run(TPU, ['all', *_TPU_ARGS], sandbox.env)
+  assert proc.returncode == 1 and 'needs 40.00 GiB per chip' in proc.stderr
+  assert sandbox.calls.read_text().splitlines() == [check]  # no gcloud call: nothing created
+  sandbox.calls.unlink()
+
+
 def test_tpu_delete_only_when_asked(sandbox):
   delete = 'gcloud compute tpus tpu-vm delete admin-v4 --zone=europe-west4-a --quiet'
   lines = _dry_run(TPU, ['all', *_TPU_ARGS, '--delete'], sandbox.env)
   assert lines[-1] == delete
   assert lines[-2].startswith('gcloud compute tpus tpu-vm ssh admin-v4 ')  # the log stream
-  assert len(lines) == 8
+  assert len(lines) == 9  # the check, then the steps on the slice
   for args in (['delete'], ['--delete']):
     lines = _dry_run(TPU, [*args, '--name=admin-v4', '--zone=europe-west4-a'], sandbox.env)
     assert lines == [delete]
