@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,8 @@ RESULTS_JSONL, RESULTS_MD, CURVES_PNG = 'results.jsonl', 'results.md', 'curves.p
 STALL_TOLERANCE = 0.02  # a loss that never again falls 2% below its value has stopped improving
 BLOWUP_FACTOR = 1.5  # a logged loss this far above the lowest before it: diverged without a NaN
 ERROR_LINES = 5  # of a failed run's stderr kept in its record
+SPLITS = {'train': 'train', 'valid': 'val', 'test': 'test_2016_flickr'}  # config key: Multi30k file prefix
+DEFAULT_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'multi30k')
 FINAL = ('finished', 'diverged')  # a run with another status (stopped, timed out, failed) runs again
 
 # GPU sizing, an estimate until a card times it: 3,000 updates of 8,192 tokens are 24.6M target tokens
@@ -87,6 +90,19 @@ SCALES = {
         '--config.train.warmup_steps=2', '--config.train.log_every_steps=1', '--config.checkpoint.every_steps=4',
         '--config.eval.every_steps=0', '--config.eval.max_len_b=4'), reads_corpus=False),
 }
+
+
+def check_corpus(data: str) -> None:
+  """Exits with one line naming the files of the Multi30k folder `data` that are missing."""
+  missing = [f'{split}.{lang}' for split in SPLITS.values() for lang in ('en', 'de')
+             if not any(os.path.exists(os.path.join(data, f'{split}.{lang}{x}')) for x in ('', '.xz'))]
+  if missing:
+    sys.exit(f'error: no Multi30k corpus at {data}: {", ".join(missing)}[.xz] missing')
+
+
+def corpus_overrides(data: str) -> list[str]:
+  """The config flags that point configs/multi30k.py's splits at the Multi30k folder `data`."""
+  return [f'--config.data.{key}={os.path.join(data, split)}' for key, split in SPLITS.items()]
 
 
 def run_name(layers: int, residual: str) -> str:
@@ -220,7 +236,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', required=True, help='where results.jsonl, results.md and curves.png go')
   parser.add_argument('--scale', choices=SCALES, default='gpu')
-  parser.add_argument('--data', default=os.path.join(os.path.dirname(REPO), 'shared', 'data', 'multi30k'),
+  parser.add_argument('--data', default=DEFAULT_DATA,
                       help='the Multi30k folder (train, val, test_2016_flickr .en/.de[.xz])')
   parser.add_argument('--steps', type=int, help="updates per run (default: the scale's)")
   parser.add_argument('--tokens_per_batch', type=int, help="tokens per update (default: the config's, 8192)")
@@ -240,15 +256,9 @@ def main(argv: list[str]) -> None:
   args, config_flags = parse_args(argv)
   scale = SCALES[args.scale]
   data = os.path.abspath(args.data)
-  splits = ('train', 'val', 'test_2016_flickr')
   if scale.reads_corpus:
-    missing = [f'{s}.{lang}' for s in splits for lang in ('en', 'de')
-               if not any(os.path.exists(os.path.join(data, f'{s}.{lang}{x}')) for x in ('', '.xz'))]
-    if missing:
-      sys.exit(f'error: no Multi30k corpus at {data}: {", ".join(missing)}[.xz] missing')
-  try:
-    import sacremoses  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+    check_corpus(data)
+  if importlib.util.find_spec('sacremoses') is None:
     sys.exit('error: tokenized BLEU needs sacremoses (pip install sacremoses==0.2.0)')
   os.makedirs(args.out, exist_ok=True)
   workdirs = args.workdirs or os.path.join(args.out, 'runs')
@@ -257,7 +267,7 @@ def main(argv: list[str]) -> None:
   if args.tokens_per_batch:
     overrides.append(f'--config.data.tokens_per_batch={args.tokens_per_batch}')
   if scale.reads_corpus:
-    overrides += [f'--config.data.{key}={data}/{split}' for key, split in zip(('train', 'valid', 'test'), splits)]
+    overrides += corpus_overrides(data)
   overrides += config_flags
   header = (f'Scale {args.scale}, {steps} updates per run, jax {importlib.metadata.version("jax")}, '
             f'{datetime.date.today()}; every run: `python -m admin_jax.train '
