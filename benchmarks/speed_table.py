@@ -1,7 +1,7 @@
 """The speed table on one GPU, one process per run: `python -m benchmarks.speed_table --out=DIR [--smoke]`.
 
     python -m benchmarks.speed_table --out=DIR [--steps=10] [--run_timeout=SECONDS] [--stream_dtype=bfloat16]
-        [--data=../shared/data/multi30k] [--smoke]
+        [--data=../shared/data/multi30k] [--runs=base6,big6,...] [--smoke]
 
 Runs `admin_jax.bench` on base6, big6, big18 scanned and big18 unrolled with the fastest settings the
 project recommends for the card (README "Jobs", docs/PERF.md): the Pallas flash attention and residual
@@ -36,9 +36,11 @@ GPU_KERNELS = ('--attention_impl=flash', '--layer_norm_impl=pallas')  # interpre
 SCANNED = ('--scan_layers', '--remat=dots', '--unrolled_encoder_layers=1')
 # cuBLAS GEMMs read a scanned stack's layer in place; scans of unequal lengths leave their stacks unfilled.
 SCANNED_XLA_FLAGS = '--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dus_accumulator_zero_init_elimination=true'
-# On an H200 (estimates until timed): process start and the matmul peak about 10 s, compile about 40 s
-# (call D), 90 s for unrolled big18 (2.4x big6's deviceless), 13 steps under 5 s; inference about 60 s.
-# The longest compile runs last, so that a cut command loses the least.
+# On an H200, estimates until timed: each process starts and measures its matmul peak in about 10 s;
+# compiles took 41.5 s (base6), 38.7 s (big6) and 22.8 s (big18 scanned) in call D (docs/PERF.md), and
+# unrolled big18 compiles 2.4x big6's time deviceless, about 90 s; 13 steps take under 5 s; the
+# profiling pass and the two decodes about 70 s: about 320 s in all. The longest compile runs last, so a
+# command cut at 5 minutes loses the least, and `--runs=big18_unrolled` runs it alone.
 GPU_STEPS = 10
 GPU_INFERENCE_CONFIG = 'configs/multi30k.py:18,admin'
 
@@ -55,9 +57,11 @@ class BenchRun:
 RUNS = (
     BenchRun('base6', 'base6'),
     BenchRun('big6', 'big6'),
-    BenchRun('big18 scanned', 'big18', SCANNED, SCANNED_XLA_FLAGS),
-    BenchRun('big18 unrolled', 'big18'),
+    BenchRun('big18_scanned', 'big18', SCANNED, SCANNED_XLA_FLAGS),
+    BenchRun('big18_unrolled', 'big18'),
 )
+DECODE = 'profile_decode'  # the inference_speed run, between the last two bench runs
+ORDER = (*(run.name for run in RUNS[:-1]), DECODE, RUNS[-1].name)
 
 
 def bench_command(run: BenchRun, args: argparse.Namespace) -> tuple[list[str], str]:
@@ -138,7 +142,12 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--stream_dtype', choices=('float32', 'bfloat16'), default='bfloat16')
   parser.add_argument('--data', default=depth_experiment.DEFAULT_DATA, help='the Multi30k folder, for the decode')
   parser.add_argument('--smoke', action='store_true', help='the CPU at the smallest scale: tiny model, synthetic data')
+  parser.add_argument('--runs', type=lambda text: text.split(','), default=list(ORDER),
+                      help=f'comma-separated, run in this order: {",".join(ORDER)}')
   args = parser.parse_args(argv)
+  unknown = set(args.runs) - set(ORDER)
+  if unknown:
+    parser.error(f'--runs: unknown {", ".join(sorted(unknown))}; choose from {",".join(ORDER)}')
   args.data = os.path.abspath(args.data)
   if not args.smoke:
     depth_experiment.check_corpus(args.data)
@@ -151,12 +160,15 @@ def main(argv: list[str]) -> None:
       f.write(json.dumps(records[-1]) + '\n')
     write_table(args.out, records)
 
-  *first, last = RUNS
-  for run in first:
-    record(run.name, *bench_command(run, args))
-  with tempfile.TemporaryDirectory() as workdir:  # its SentencePiece model and config: nothing to keep
-    record('profile and decode', inference_command(args, workdir))
-  record(last.name, *bench_command(last, args))
+  bench_runs = {run.name: run for run in RUNS}
+  for name in ORDER:
+    if name not in args.runs:
+      continue
+    if name == DECODE:
+      with tempfile.TemporaryDirectory() as workdir:  # its SentencePiece model and config: nothing to keep
+        record(name, inference_command(args, workdir))
+    else:
+      record(name, *bench_command(bench_runs[name], args))
   with open(os.path.join(args.out, SPEED_MD)) as f:
     print(f.read())
 

@@ -50,15 +50,15 @@ SPLITS = {'train': 'train', 'valid': 'val', 'test': 'test_2016_flickr'}  # confi
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'multi30k')
 FINAL = ('finished', 'diverged')  # a run with another status (stopped, timed out, failed) runs again
 
-# GPU sizing, an estimate until a card times it: 3,000 updates of 8,192 tokens are 24.6M target tokens
-# per run. flops.training_flops counts about 2.0e8 FLOPs per target token for the 18L-18L model (64-token
-# rows, vocabulary 8,000) and 0.7e8 for 6L-6L. At the rate base6 ran on an H200 (709.8k tokens/s of
-# 3.86e8 FLOPs each, 274 TFLOP/s; docs/PERF.md) an 18L run's updates would take 18 s; a d_model-256 model
-# with 64-token rows keeps the card far less busy (small matmuls, many kernels per layer), so at a quarter
-# of that rate about 72 s per 18L run and 25 s for 6L, 240 s for the four, plus each run's compile,
-# SentencePiece training and beam-4 test decode. `--jobs=4` runs the four at once, so those overlap on the
-# host's cores while the card is shared. `--steps` and `--tokens_per_batch` resize the runs if the card
-# is slower than this; 3,000 is the minimum number of updates.
+# GPU sizing, an estimate until a card times it. An update of the full model is 128 rows of 64 tokens;
+# flops.training_flops counts 1.80e12 FLOPs for it at 18L-18L (2.2e8 per target token) and 0.67e12 at
+# 6L-6L, so 3,000 updates are 5.4e15 and 2.0e15 FLOPs. At the rate base6 ran on an H200 (709.8k tokens/s
+# of 3.86e8 FLOPs each, 274 TFLOP/s; docs/PERF.md) that is 20 s per 18L run and 7 s for 6L. A d_model-256
+# model with 64-token rows keeps the card far less busy (small matmuls, many short kernels per layer):
+# at a quarter of that rate, 80 s per 18L run and 30 s for 6L, 270 s for the four, plus each run's
+# start, SentencePiece training, compiles and beam-4 test decode, which `--jobs=4` overlaps on the
+# host's cores while the four share the card. `--steps` and `--tokens_per_batch` resize the runs for a
+# slower card; 3,000 is the minimum number of updates.
 GPU_STEPS = 3000
 
 
