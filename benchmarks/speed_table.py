@@ -120,7 +120,8 @@ def write_table(out: str, records: list[dict]) -> None:
       lines.append(f'| {r["run"]} | {r["error"]} | | | | | | | |')
     elif 'tokens_per_sec' in r:
       lines.append(f'| {r["run"]} | {r["preset"]} | {r["device"]} | {r["tokens_per_sec"] / 1e3:.1f}k | '
-                   f'{r["step_ms"]:.1f} | {r["mfu"]:.3f} ({r["matmul_peak_tflops"]:.3g}) | {r["compile_seconds"]:.1f} | '
+                   f'{r["step_ms"]:.1f} | {r["mfu"]:.3f} ({r["matmul_peak_tflops"]:.3g}) | '
+                   f'{r["compile_seconds"]:.1f} | '
                    f'{r["peak_memory_bytes"] / 2 ** 30:.2f} | {r["jax"]} |')
   for r in records:
     if 'sentences_per_sec' in r:

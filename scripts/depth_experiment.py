@@ -12,8 +12,9 @@ both sides Moses-tokenized with aggressive hyphen splitting, as the paper's tabl
 OUT/results.jsonl gets one JSON line per run as the run ends, and OUT/results.md (the table) and
 OUT/curves.png (every run's training loss) are rewritten then, so a cut experiment keeps what
 finished. Started again with the same OUT, it skips the runs recorded there as finished or diverged;
-a run cut short resumes from its last checkpoint in its workdir (WORKDIRS/RESIDUAL_LAYERSL). On SIGTERM (`timeout -s TERM ...`) the
-runs in progress save a checkpoint and stop, and are recorded as stopped with their curves so far.
+a run cut short resumes from its last checkpoint in its workdir (WORKDIRS/RESIDUAL_LAYERSL). On
+SIGTERM (`timeout -s TERM ...`) the runs in progress save a checkpoint and stop, and are recorded as
+stopped with their curves so far.
 
 Scales: `gpu` is configs/multi30k.py's full model (d_model 256, 4 heads, 8,192 tokens per update)
 for 3,000 updates; `cpu` shrinks the model (d_model 64) so six runs fit a 2-core CPU in under an
@@ -146,7 +147,7 @@ def test_scores(workdir: str) -> dict:
   hypotheses = corpora.read_lines(os.path.join(workdir, 'eval', 'test.hyp'))
   references = [target for _, target in corpora.load_pairs(config, 'test')]
   return {'test_tokenized_bleu': tokenized_bleu(hypotheses, references, config.data.tgt_lang),
-          'tokenized_bleu_signature': f'moses -a|case:mixed|tok:none|sacrebleu {importlib.metadata.version("sacrebleu")}'}
+          'tokenized_bleu_signature': f'moses -a|case:mixed|tok:none|version:{importlib.metadata.version("sacrebleu")}'}
 
 
 def summarize(layers: int, residual: str, workdir: str, result: subprocess.CompletedProcess | None,
