@@ -141,7 +141,7 @@ def tokenized_bleu(hypotheses: list[str], references: list[str], lang: str) -> f
   return bleu.bleu_from_stats(stats)
 
 
-def test_scores(workdir: str) -> dict:
+def tokenized_scores(workdir: str) -> dict:
   """Tokenized BLEU of the run's test translations (DIR/eval/test.hyp) against its test references."""
   config = cli.read_config(workdir)
   hypotheses = corpora.read_lines(os.path.join(workdir, 'eval', 'test.hyp'))
@@ -176,7 +176,7 @@ def summarize(layers: int, residual: str, workdir: str, result: subprocess.Compl
   if status == 'diverged' and record['diverged_step'] is None:
     record['diverged_step'] = record['last_step']  # stopped by the NaN guard between two log steps
   if scores:
-    record.update(test_scores(workdir))
+    record.update(tokenized_scores(workdir))
   if status == 'failed':
     record['error'] = '\n'.join(result.stderr.strip().splitlines()[-ERROR_LINES:])
   return record
