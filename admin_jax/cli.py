@@ -46,7 +46,7 @@ POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_mod
             'eval.beam_size')
 NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
-                'train.loss_chunk_tokens', 'eval.max_sentences')
+                'train.loss_chunk_tokens', 'train.trace_steps', 'train.trace_first_step', 'eval.max_sentences')
 FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
              'train.b1', 'train.b2')  # in [0, 1)
 

@@ -23,6 +23,7 @@ from admin_jax import metrics as metrics_lib
 from admin_jax import optim
 from admin_jax import profiling
 from admin_jax import sharding
+from admin_jax import tracing
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import pipeline
 from admin_jax.data import tokenizer as tokenizer_lib
@@ -178,12 +179,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window = []
   window_start = time.perf_counter()
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
+  tracer = tracing.StepTracer(config.train, workdir, enabled=lead)
   step = start_step
   preempted = False
   while step < num_steps:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), tracer.step(step + 1):
       state, step_metrics = step_fn(state, micro_batches)
     step += 1
+    tracer.stepped(step, step_metrics)
     window.append(step_metrics)
     progress.update(1)
     data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
@@ -229,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       break
 
   progress.close()
+  tracer.stop()
   checkpoints.wait()
   if preempted:
     writer.close()

@@ -88,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.prng_impl = 'threefry2x32'  # the dropout keys: threefry2x32 | rbg | unsafe_rbg (masks are hashed from them)
   train.log_every_steps = 100
   train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
+  train.trace_steps = 0  # >0: a jax.profiler trace of this many steps into DIR/trace (TensorBoard, XProf)
+  train.trace_first_step = 10  # steps left untraced before it: compilation and warm-up
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 5000

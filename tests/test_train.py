@@ -211,8 +211,9 @@ TINY_DEMO = ['--config.model.d_model=32', '--config.model.ffn_dim=64', '--config
 
 
 def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
+  traced = ['--config.train.trace_first_step=30', '--config.train.trace_steps=2']
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
-                        *TINY_DEMO], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                        *TINY_DEMO, *traced], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses_by_step = [r['loss'] for r in records if 'loss' in r]
@@ -228,6 +229,8 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
     assert (tmp_path / name).stat().st_size > 0, name
   assert (tmp_path / 'checkpoints' / '40').is_dir()
   assert list((tmp_path / 'tensorboard').iterdir())
+  assert 'traced steps 31..32' in out.stdout
+  assert [p.stat().st_size > 0 for p in (tmp_path / 'trace').rglob('*.xplane.pb')] == [True]
 
 
 def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
