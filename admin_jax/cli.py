@@ -1,10 +1,14 @@
 """What every job shares: absl flags, the ml_collections config, and one-line errors.
 
 Each job is `python -m admin_jax.<job> --config=configs/<name>.py[:arg] --workdir=DIR
-[--config.section.key=value ...]`. Config keys are locked: a mistyped override is refused
-while flags are parsed, before any work, with one line naming the key.
+[--config.section.key=value ...]`. The config file and every override are checked here against
+the config's own keys and types while flags are parsed, before any work: a mistyped key, a value
+of the wrong type or a config file that does not load is one line naming it.
 """
 
+import difflib
+import importlib.machinery
+import importlib.util
 import json
 import re
 import sys
@@ -46,62 +50,104 @@ POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_mod
             'eval.beam_size', 'train.loss_scale_window', 'train.loss_scale_threshold')
 NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
-                'train.loss_chunk_tokens', 'eval.max_sentences', 'admin.profile_tokens', 'train.num_epochs',
-                'checkpoint.every_epochs')
+                'train.loss_chunk_tokens', 'train.trace_steps', 'train.trace_first_step', 'eval.max_sentences',
+                'admin.profile_tokens', 'train.num_epochs', 'checkpoint.every_epochs')
 FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
              'train.b1', 'train.b2')  # in [0, 1)
 
 
-# How ml_collections wraps an error that a config file's get_config raised: the traceback follows.
-_CONFIG_FILE_TRACEBACK = 'Error whilst parsing config file:'
-
-
-def _one_line(error: BaseException) -> str:
-  """The error's message on one line; of a config file's traceback, only its last line, the error itself."""
-  text = str(error).replace('\\n', '\n').replace("\\'", "'")
-  head, wrapped, traceback_text = text.partition(_CONFIG_FILE_TRACEBACK)
-  text = (head + _last_line(traceback_text) if wrapped else text).strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':  # a message quoted whole, as KeyError's
-    text = text[1:-1]
-  return ' '.join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _last_line(text: str) -> str:
-  return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), '')
-
-
-def _config_flag(argv: list[str]) -> str:
-  """The --config argument as given, to name the file in an error raised while it ran."""
+def _config_argument(argv: list[str]) -> str | None:
+  """The --config value as given (`path[:arg]`; the last one, as absl takes it), or None."""
+  argument = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg
-    if arg == '--config' and i + 1 < len(argv):
-      return f'--config={argv[i + 1]}'
-  return '--config'
+      argument = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      argument = argv[i + 1]
+  return argument
 
 
-def _unknown_key_message(argv: list[str], error: BaseException) -> str:
-  """Names the override whose key does not exist, with ml_collections' suggestion."""
-  text = str(error)
-  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-  missing = suggestion.group(2) if suggestion else next(iter(re.findall(r"(\w+)", text)), None)
-  for arg in argv:
-    match = re.match(r'--config\.([\w.]+)', arg)
-    if match and missing in match.group(1).split('.'):
-      hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ''
-      return f"unknown config key '{match.group(1)}'{hint}"
-  return f'bad config override: {_one_line(error)}'
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+  """(key, value) of each `--config.KEY=VALUE`, `--config.KEY VALUE`, `--config.KEY` or `--noconfig.KEY`."""
+  found = []
+  for i, arg in enumerate(argv):
+    match = re.fullmatch(r'--(no)?config\.([\w.]+)(?:=(.*))?', arg, re.DOTALL)
+    if not match:
+      continue
+    negated, key, value = match.groups()
+    if value is None:
+      following = argv[i + 1] if i + 1 < len(argv) else None
+      value = ('false' if negated else following if following is not None and not following.startswith('--')
+               else 'true')
+    found.append((key, value))
+  return found
+
+
+def load_config_file(argument: str) -> ml_collections.ConfigDict:
+  """Runs a config file's get_config (`path[:arg]`), as ml_collections does, with its errors as they are."""
+  path, has_arg, config_arg = argument.partition(':')
+  try:
+    loader = importlib.machinery.SourceFileLoader('admin_jax_config_file', path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    config = module.get_config(*([config_arg] if has_arg else []))
+  except OSError as error:
+    raise UserError(f'--config={argument}: {error}') from None
+  except Exception as error:  # whatever the config file itself raised  # pylint: disable=broad-except
+    raise UserError(f'--config={argument}: {type(error).__name__}: {error}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'--config={argument}: get_config() returned {type(config).__name__}, '
+                    'not an ml_collections.ConfigDict')
+  return config
+
+
+_BOOLEANS = {'true': True, '1': True, 'false': False, '0': False}
+
+
+def check_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+  """Refuses an override whose key the config lacks or whose value is not of the key's type."""
+  known = _flat_keys(config)
+  for key, value in overrides:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f' (did you mean "{close[0]}"?)' if close else ''
+      raise UserError(f"unknown config key '{key}'{hint}")
+    wanted = type(known[key])
+    if wanted is bool and value.lower() not in _BOOLEANS:
+      raise UserError(f'config {key}={value!r}: expected true or false')
+    if wanted in (int, float):
+      try:
+        wanted(value)
+      except ValueError:
+        raise UserError(f'config {key}={value!r}: expected {"an integer" if wanted is int else "a number"}') from None
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, object]:
+  """{'section.key': value} of every leaf of a config."""
+  flat = {}
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flat_keys(value, f'{prefix}{name}.'))
+    else:
+      flat[f'{prefix}{name}'] = value
+  return flat
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parse, after the config file and its overrides are checked here, so that every mistake in
+  them is one line of this module's words rather than a rewording of ml_collections' messages."""
   try:
+    if (argument := _config_argument(argv)) is not None:
+      check_overrides(load_config_file(argument), _overrides(argv))
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    _exit(_unknown_key_message(argv, error))
-  except (flags.Error, ValueError, TypeError) as error:
-    _exit(_one_line(error))
-  except (SyntaxError, ImportError) as error:  # from running the config file itself
-    _exit(f'{_config_flag(argv)}: {type(error).__name__}: {error}')
+  except UserError as error:
+    _exit(str(error))
+  except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as error:
+    _exit(_first_line(error))
+
+
+def _first_line(error: BaseException) -> str:
+  return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _exit(message: str) -> None:
@@ -151,20 +197,8 @@ def load_config() -> ml_collections.ConfigDict:
   if flags.FLAGS['config'].present == 0 and _CONFIG.value is None:
     raise UserError('--config is required, e.g. --config=configs/demo.py')
   config = _CONFIG.value
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise UserError(f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}: {_not_loaded(config)}')
   validate(config)
   return config
-
-
-def _not_loaded(config: object) -> str:
-  """Why --config holds no ConfigDict. ml_collections keeps a file it could not read (missing, a
-  directory) as an object that raises the read's error when any of its attributes is looked up."""
-  try:
-    getattr(config, 'keys', None)
-  except OSError as error:
-    return _last_line(str(error.__cause__ or error))
-  return f'get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict'
 
 
 def require_workdir() -> str:
@@ -200,7 +234,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   try:
     config.update(saved)
   except TypeError as error:
-    raise UserError(f'{path}: {_one_line(error)}') from None
+    raise UserError(f'{path}: {_first_line(error)}') from None
   return config
 
 

@@ -13,7 +13,7 @@ from etils import epath
 import numpy as np
 
 from admin_jax import files
-from admin_jax.analysis import plots
+from admin_jax import plots
 
 METRICS_JSONL = 'metrics.jsonl'
 

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from admin_jax import files
+from admin_jax import plots
 from admin_jax import sharding
-from admin_jax.analysis import plots
 from admin_jax.errors import UserError
 from admin_jax.model.residual import DECODER_SUBLAYERS_PER_LAYER
 from admin_jax.model.residual import ENCODER_SUBLAYERS_PER_LAYER

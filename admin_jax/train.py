@@ -24,6 +24,7 @@ from admin_jax import optim
 from admin_jax import profiling
 from admin_jax import sharding
 from admin_jax import targets
+from admin_jax import tracing
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import pipeline
 from admin_jax.data import tokenizer as tokenizer_lib
@@ -194,15 +195,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window_start = time.perf_counter()
   data_wait = 0.0  # seconds of the window spent waiting for the next batch
   progress = tqdm(total=num_steps, initial=start_step, disable=not lead, unit='step', dynamic_ncols=True)
+  tracer = tracing.StepTracer(config.train, workdir, enabled=lead)
   step = start_step
   preempted = False
   num_epochs, every_epochs = config.train.num_epochs, config.checkpoint.every_epochs
   counts_epochs = bool(num_epochs or every_epochs)  # else no per-step agreement between processes
   epochs = completed_epochs(train_iter) if counts_epochs else 0
   while step < num_steps and not (num_epochs and epochs >= num_epochs):
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), tracer.step(step + 1):
       state, step_metrics = step_fn(state, micro_batches)
     step += 1
+    tracer.stepped(step, step_metrics)
     window.append(step_metrics)
     progress.update(1)
     data_state = train_iter.get_state()  # where the batches of step + 1 start: a resume must fetch them again
@@ -267,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       break
 
   progress.close()
+  tracer.stop()
   checkpoints.wait()
   if preempted:
     writer.close()

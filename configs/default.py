@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # With scan_layers: the first layers of each stack run unrolled before its scan, each faster than a
   # scanned layer and adding an unrolled layer's compile time. Scans of unequal lengths on the two sides
   # (say one encoder layer unrolled) also let XLA leave their stacks unfilled on GPUs, with
-  # XLA_FLAGS=--xla_gpu_enable_dus_accumulator_zero_init_elimination=true (docs/PERF.md, thirteenth session).
+  # XLA_FLAGS=--xla_gpu_enable_dus_accumulator_zero_init_elimination=true (docs/PERF.md, "Levers").
   model.unrolled_encoder_layers = 0
   model.unrolled_decoder_layers = 0
   model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
@@ -100,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # overflow takes it below the threshold (--threshold-loss-scale).
   train.loss_scale_window = 256
   train.loss_scale_threshold = 0.03125
+  train.trace_steps = 0  # >0: a jax.profiler trace of this many steps into DIR/trace (TensorBoard, XProf)
+  train.trace_first_step = 10  # steps left untraced before it: compilation and warm-up
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 5000

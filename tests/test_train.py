@@ -212,8 +212,10 @@ TINY_DEMO = ['--config.model.d_model=32', '--config.model.ffn_dim=64', '--config
 
 
 def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
+  traced = ['--config.train.trace_first_step=30', '--config.train.trace_steps=2']
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
-                        *TINY_DEMO], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                        *TINY_DEMO, *traced], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses_by_step = [r['loss'] for r in records if 'loss' in r]
@@ -229,6 +231,8 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
     assert (tmp_path / name).stat().st_size > 0, name
   assert (tmp_path / 'checkpoints' / '40').is_dir()
   assert list((tmp_path / 'tensorboard').iterdir())
+  assert 'traced steps 31..32' in out.stdout
+  assert [p.stat().st_size > 0 for p in (tmp_path / 'trace').rglob('*.xplane.pb')] == [True]
 
 
 def test_float16_demo_loss_falls_and_a_loss_scale_below_the_threshold_stops_in_one_line(tmp_path):
@@ -280,6 +284,24 @@ def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
   out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
                         override], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    (('model.residul', 'admin'), """unknown config key 'model.residul' (did you mean "model.residual"?)"""),
+    (('model', '3'), "unknown config key 'model'"),
+    (('model.d_model.x', '3'), "unknown config key 'model.d_model.x'"),
+    (('model.num_heads', '2.5'), "config model.num_heads='2.5': expected an integer"),
+    (('train.lr', 'fast'), "config train.lr='fast': expected a number"),
+    (('model.scan_layers', 'maybe'), "config model.scan_layers='maybe': expected true or false"),
+])
+def test_overrides_are_checked_against_the_config_keys_and_types(override, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    cli.check_overrides(demo.get_config(), [override])
+
+
+def test_overrides_of_the_right_type_pass():
+  cli.check_overrides(demo.get_config(), [('model.num_heads', '8'), ('train.lr', '1'), ('train.lr', '3e-4'),
+                                          ('model.scan_layers', 'True'), ('model.residual', 'anything')])
 
 
 def test_numeric_config_values_outside_their_range_are_refused():
