@@ -33,7 +33,6 @@ from admin_jax import flops
 from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
-from admin_jax import traffic
 from admin_jax.data import throughput
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
@@ -88,7 +87,7 @@ _UNROLLED_DECODER_LAYERS = flags.DEFINE_integer('unrolled_decoder_layers', 0, 'W
                                                 lower_bound=0)
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Also trace a few steps of the last preset here and write '
                                  'ops.csv (device time per XLA op), hlo.txt (the optimised program) and '
-                                 'traffic.csv (its estimated memory traffic per op).')
+                                 'the TensorBoard trace (benchmarks/traffic.py estimates hlo.txt\'s memory traffic).')
 _INPUT = flags.DEFINE_bool('input', False, 'Time the training input pipeline alone instead, at --config\'s shapes '
                            'and data.workers (admin_jax/data/throughput.py).')
 flags.register_multi_flags_validator(
@@ -181,7 +180,9 @@ def _timed_steps(compiled, state, micro_batches, count: int, desc: str) -> tuple
 
 
 def _trace(compiled, state, micro_batches, directory: str) -> None:
-  """Traces TRACE_STEPS steps into `directory` and writes ops.csv beside the trace."""
+  """Traces TRACE_STEPS steps into `directory` and writes ops.csv and the optimised program (hlo.txt) beside
+  the trace."""
+  files.write_text(os.path.join(directory, 'hlo.txt'), compiled.as_text())
   with jax.profiler.trace(directory):
     _timed_steps(compiled, state, micro_batches, TRACE_STEPS, 'trace')
   rows = device_op_times(directory)
@@ -212,16 +213,6 @@ def device_op_times(directory: str) -> list[tuple[str, str, int, float, float]]:
   return sorted(rows, key=lambda row: -row[3])
 
 
-def _program_traffic(compiled: jax.stages.Compiled, directory: str) -> dict:
-  """The fields of the optimised program's estimated memory traffic (admin_jax/traffic.py); with
-  `directory`, the program itself (hlo.txt) and its traffic by op (traffic.csv) there."""
-  program = compiled.as_text()
-  ops = traffic.estimate(program)
-  if directory:
-    files.write_text(os.path.join(directory, 'hlo.txt'), program)
-    files.write_csv(os.path.join(directory, 'traffic.csv'), [f.name for f in dataclasses.fields(traffic.OpTraffic)],
-                    [dataclasses.astuple(op) for op in ops])
-  return {'traffic_bytes': traffic.total_bytes(ops), 'traffic_bytes_by_kind': traffic.bytes_by_kind(ops)}
 
 
 def _described(preset: Preset, options: Options) -> dict:
@@ -309,7 +300,6 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
       'compiled_temp_bytes': int(plan.temp_size_in_bytes),  # the step's own working memory, per compile
-      **_program_traffic(compiled, trace_dir),
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'steps': steps,
       'warmup_steps': warmup_steps,

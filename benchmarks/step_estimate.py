@@ -1,7 +1,7 @@
 """A planned train step's time on an H200, priced part by part at the rates call D's trace measured.
 
 `python -m admin_jax.compile --config=... --target=h200 --dump_dir=DIR` writes what XLA would run on
-the card (DIR/train_step.hlo.txt; admin_jax/traffic.py estimates the bytes each op moves), but no time:
+the card (DIR/train_step.hlo.txt; benchmarks/traffic.py estimates the bytes each op moves), but no time:
 that needs the card. This prices each part
 of such a plan at the rate the same kind of work ran at in call D's trace of big6 on an H200
 (docs/PERF.md, "Tenth session"): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
@@ -22,7 +22,7 @@ from absl import app, flags
 
 from admin_jax import bench
 from admin_jax import flops
-from admin_jax import traffic
+from benchmarks import traffic
 
 # Call D, H200, big6 unrolled with flash attention and the Pallas LayerNorm, 112.8 ms per step:
 GEMM_FLOPS_PER_S = 41.08e12 / 52.5e-3  # its matmuls' FLOPs (all but attention's) over the GEMMs' time

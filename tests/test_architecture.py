@@ -52,8 +52,8 @@ def test_core_modules_never_import_the_analysis_tools():
 def test_the_checks_see_an_offending_import(tmp_path):
   """The scanner itself: both kinds of import are found, relative imports are not mistaken."""
   bad = tmp_path / 'bad.py'
-  bad.write_text('import tools.perf.traffic\nfrom admin_jax.analysis import probe\nfrom . import x\n')
-  assert _offenders([bad], TOOLBOXES, tmp_path) == {'bad.py': ['tools.perf.traffic']}
+  bad.write_text('import benchmarks.traffic\nfrom admin_jax.analysis import probe\nfrom . import x\n')
+  assert _offenders([bad], TOOLBOXES, tmp_path) == {'bad.py': ['benchmarks.traffic']}
   assert _offenders([bad], ('admin_jax.analysis',), tmp_path) == {
       'bad.py': ['admin_jax.analysis', 'admin_jax.analysis.probe']}
   assert 'x' not in _imported_modules(bad)

@@ -1,13 +1,15 @@
-"""The memory-traffic estimate of compiled programs (admin_jax/traffic.py), on programs compiled for
+"""The memory-traffic estimate of compiled programs (benchmarks/traffic.py), on programs compiled for
 this CPU whose traffic is known by construction: what an op must read and write at the least."""
 
 import re
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import pytest
 
-from admin_jax import traffic
+from admin_jax import bench
+from benchmarks import traffic
 
 MIB = 2 ** 20
 
@@ -156,3 +158,32 @@ backend_config={"fusion_backend_config":{"kind":"__custom_fusion",\
   assert [op.kind for op in ops] == ['gemm']
   layer, weight, product = 1024 * 256 * 2, 256 * 1024 * 2, 256 * 256 * 2
   assert traffic.total_bytes(ops) == layer + 4 + weight + product + 64
+
+
+def test_step_estimate_prices_each_part_of_a_plan_at_its_rate():
+  """benchmarks/step_estimate.py: matmul FLOPs at the GEMMs' rate (their bytes are in that rate),
+  flash kernels per layer, LayerNorm kernels' and XLA fusions' bytes at their own bandwidths."""
+  from benchmarks import step_estimate  # pylint: disable=g-import-not-at-top
+  triton = 'custom-call:__gpu$xla.gpu.triton'
+  rows = [{'kind': 'gemm', 'op_name': 'dot_general', 'bytes': '7000000000'},
+          {'kind': triton, 'op_name': 'jit(_forward)/flash_attention_forward/pallas_call', 'bytes': '5000000000'},
+          {'kind': triton, 'op_name': 'jit(_backward)/residual_layer_norm_backward/pallas_call', 'bytes': '3000000000'},
+          {'kind': 'fusion:kLoop', 'op_name': 'select_n', 'bytes': '2000000000'},
+          {'kind': 'copy', 'op_name': 'copy', 'bytes': '1000000000'}]
+  record = step_estimate.estimate('big18', rows, flash_ms_per_layer=2.5)
+  preset = bench.PRESETS['big18']
+  cfg = bench.model_config(preset)
+  # big18's matmuls by hand, per token forward: encoder QKV + out + FFN, decoder self QKV + out, cross q + kv +
+  # out, FFN; tied logits.
+  d, f = cfg.d_model, cfg.ffn_dim
+  per_token = 18 * (4 * d * d + 2 * d * f) + 18 * (4 * d * d + 4 * d * d + 2 * d * f) + d * cfg.vocab_size
+  matmul_flops = 3 * 2 * per_token * preset.batch * preset.seq_len
+  expected_ms = {'gemm': 1e3 * matmul_flops / step_estimate.GEMM_FLOPS_PER_S, 'flash': 18 * 2.5,
+                 'layer_norm': 1e3 * 3e9 / step_estimate.LAYER_NORM_BYTES_PER_S,
+                 'fusions': 1e3 * 3e9 / step_estimate.FUSION_BYTES_PER_S,
+                 'gaps': 1e3 * 18 * step_estimate.GAP_S_PER_LAYER}
+  assert record['parts_ms'] == pytest.approx(expected_ms, abs=0.05)
+  assert record['step_ms'] == pytest.approx(sum(expected_ms.values()), abs=0.05)
+  assert record['tokens_per_sec'] == pytest.approx(preset.batch * preset.seq_len / (record['step_ms'] / 1e3), rel=1e-3)
+  with pytest.raises(app.UsageError, match='no flash attention or Pallas LayerNorm'):
+    step_estimate.estimate('big18', rows[:1] + rows[3:], flash_ms_per_layer=2.5)

@@ -1,6 +1,9 @@
-"""Memory traffic of an optimised XLA program, estimated from its text.
+"""Memory traffic of an optimised XLA program, estimated from its text: a research tool.
 
-A program compiled for a GPU that this machine lacks (admin_jax/deviceless.py) cannot be timed,
+  python -m benchmarks.traffic DIR/hlo.txt   # writes DIR/traffic.csv, prints the totals as JSON
+
+The program is what `bench --trace_dir=DIR` (hlo.txt) or `compile --dump_dir=DIR` (train_step.hlo.txt)
+writes. A program compiled for a GPU that this machine lacks (admin_jax/deviceless.py) cannot be timed,
 and its `cost_analysis()` is empty; what it reads and writes is the next best guide to its speed,
 since everything a train step does outside its matmuls is bound by memory bandwidth. The estimate
 counts, for every top-level op that touches memory, the bytes of its operands and of its result:
@@ -17,8 +20,13 @@ buffer that another filled in part) counts as written by that output, not read a
 
 import collections
 import dataclasses
+import json
 import math
+import pathlib
 import re
+import sys
+
+from admin_jax import files
 
 _COMPUTATION = re.compile(r'^(ENTRY )?%(\S+) .*\{$')
 _INSTRUCTION = re.compile(r'^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
@@ -257,3 +265,16 @@ def bytes_by_kind(ops: list[OpTraffic]) -> dict[str, int]:
   for op in ops:
     kinds[op.kind] += op.bytes
   return dict(kinds.most_common())
+
+
+def write_table(hlo_path: str) -> dict:
+  """Estimates the program at `hlo_path`, writes traffic.csv beside it; the totals."""
+  ops = estimate(pathlib.Path(hlo_path).read_text())
+  files.write_csv(str(pathlib.Path(hlo_path).with_name('traffic.csv')),
+                  [f.name for f in dataclasses.fields(OpTraffic)], [dataclasses.astuple(op) for op in ops])
+  return {'traffic_bytes': total_bytes(ops), 'traffic_bytes_by_kind': bytes_by_kind(ops)}
+
+
+if __name__ == '__main__':
+  for path in sys.argv[1:]:
+    print(json.dumps({'program': path, **write_table(path)}))
