@@ -57,6 +57,10 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text) + [EOS_ID]
 
+  def pieces(self) -> list[str]:
+    """Every piece, by id."""
+    return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
   def decode(self, ids: Iterable[int]) -> str:
     """Decodes up to the first EOS; ids past the vocabulary (padded embedding rows) become UNK."""
     kept = []
