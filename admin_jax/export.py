@@ -260,7 +260,11 @@ def transformer_spec(weights: PlainWeights, num_heads: int, pieces: list[str]):
 
 
 def build_spec(model: Transformer, pieces: list[str], num_positions: int):
-  """The model as a CTranslate2 spec, shortcut scales folded (see `fold_shortcuts`)."""
+  """The model as a CTranslate2 spec, shortcut scales folded (see `fold_shortcuts`).
+
+  Refuses non-finite weights (a diverged run), which no engine can run."""
+  if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))):
+    raise UserError('the checkpoint has non-finite weights (a diverged run): CTranslate2 cannot run it')
   weights = plain_weights(model, num_positions)
   scales = shortcut_scales(model)
   if scales is not None:
@@ -269,11 +273,17 @@ def build_spec(model: Transformer, pieces: list[str], num_positions: int):
 
 
 def decoding_options(config: ml_collections.ConfigDict) -> dict:
-  """`Translator.translate_batch` options that make CTranslate2's beam search score hypotheses as
-  ours does: fairseq's sum(log p) / len ** length_penalty with len counting the EOS, which
-  CTranslate2 counts only when it returns the end token (callers drop it)."""
-  return {'beam_size': config.eval.beam_size, 'length_penalty': config.eval.length_penalty,
-          'return_end_token': True}
+  """`Translator.translate_batch` options for the run's beam search. CTranslate2 (4.8.5) scores a
+  finished hypothesis as fairseq and admin_jax.decode do: sum(log p) / len ** length_penalty, the
+  end token counted in both, so the run's length penalty carries over unchanged."""
+  return {'beam_size': config.eval.beam_size, 'length_penalty': config.eval.length_penalty}
+
+
+def max_decoding_length(config: ml_collections.ConfigDict, source_pieces: int) -> int:
+  """Our output limit for a source of `source_pieces` pieces, as CTranslate2's `max_decoding_length`
+  (which counts tokens without the end token): int(max_len_a * n + max_len_b), within data.max_len
+  with the end token. Ours ends a sentence there with EOS, CTranslate2 there without: the same tokens."""
+  return min(int(config.eval.max_len_a * source_pieces + config.eval.max_len_b), config.data.max_len - 1)
 
 
 def save(spec, out: str, quantization: str) -> None:
@@ -313,11 +323,10 @@ def _readme(workdir: str, inference: restore.Inference, quantization: str, optio
       'import ctranslate2, sentencepiece as spm',
       f'sp, translator = spm.SentencePieceProcessor(model_file="{_SPM_NAME}"), ctranslate2.Translator(".")',
       f'print(sp.decode(translator.translate_batch([sp.encode("...", out_type=str)], {arguments})'
-      '[0].hypotheses[0][:-1]))',
+      '[0].hypotheses[0]))',
       '```', '',
-      'The options are the run\'s beam search: `return_end_token=True` makes CTranslate2 count the end '
-      'token in the length that `length_penalty` divides by, as fairseq and admin-jax do; drop it from '
-      'the output (`[:-1]`).', ''])
+      "The options are the run's beam search: CTranslate2's `length_penalty` divides the same sum of "
+      'log-probabilities by the same length (the end token counted) as ours.', ''])
 
 
 def export(workdir: str, checkpoint: str, out: str, quantization: str,
@@ -327,9 +336,6 @@ def export(workdir: str, checkpoint: str, out: str, quantization: str,
     raise UserError(f'--out={out} already exists')
   inference = restore.load_for_inference(workdir, checkpoint, config)
   model = train_step_lib.model_from(inference.setup, inference.params)
-  if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))):
-    raise UserError(f'checkpoint step {inference.steps[-1]} of {workdir} has non-finite weights (a diverged run): '
-                    'CTranslate2 cannot run it')
   tokenizer = inference.tokenizer
   num_positions = max(MIN_POSITIONS, inference.config.data.max_len)
   spec = build_spec(model, tokenizer.pieces(), num_positions)
