@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from admin_jax import cli
+from admin_jax import files
 from admin_jax import inference_flags
 from admin_jax import restore
 from admin_jax import train_step as train_step_lib
@@ -49,6 +50,7 @@ MIN_POSITIONS = 1024
 _BRANCH_INPUTS = {'self_attention_residual': ('self_attention', 'qkv', slice(0, 3)),
                   'cross_attention_residual': ('cross_attention', 'qkv', slice(0, 1)),
                   'ffn_residual': ('ffn', 'fc1', None)}
+_STACKS = (('encoder', ENCODER_RESIDUALS), ('decoder', DECODER_RESIDUALS))
 _SPM_NAME = 'spm.model'
 # CTranslate2 (as its fairseq converter) names the padding token '<blank>'.
 _CT2_PAD = '<blank>'
@@ -121,10 +123,11 @@ def shortcut_scales(model: Transformer) -> dict[str, np.ndarray] | None:
   if model.cfg.residual == 'pre_ln':
     return None
   scales = {}
-  for key, stack, names in (('encoder', model.encoder, ENCODER_RESIDUALS), ('decoder', model.decoder, DECODER_RESIDUALS)):
-    per_sublayer = [np.broadcast_to(_f64(getattr(stack.layers, name).shortcut_scale()), (stack.num_layers, model.cfg.d_model))
-                    for name in names]
-    scales[key] = np.stack(per_sublayer, axis=1)
+  for key, names in _STACKS:
+    stack = getattr(model, key)
+    shape = (stack.num_layers, model.cfg.d_model)
+    scales[key] = np.stack([np.broadcast_to(_f64(getattr(stack.layers, name).shortcut_scale()), shape)
+                            for name in names], axis=1)
   return scales
 
 
@@ -163,9 +166,8 @@ def fold_shortcuts(weights: PlainWeights, scales: dict[str, np.ndarray]) -> None
   admin_logn is the same fold with one constant omega per stack, DeepNorm with s_k = alpha; Post-LN
   (s_k = 1) is unchanged. A zero in any s_k has no inverse: refused.
   """
-  for key, stack, names in (('encoder', weights.encoder, ENCODER_RESIDUALS),
-                            ('decoder', weights.decoder, DECODER_RESIDUALS)):
-    stack_scales = scales[key]
+  for key, names in _STACKS:
+    stack, stack_scales = getattr(weights, key), scales[key]
     if not np.all(np.isfinite(stack_scales)) or np.any(stack_scales == 0):
       bad = 'zeros' if np.all(np.isfinite(stack_scales)) else 'non-finite values'
       raise UserError(f'the {key} shortcut scales (omega or alpha) hold {bad}: they cannot be folded into '
@@ -305,19 +307,23 @@ def _bleu_lines(workdir: str) -> list[str]:
   return [line for line in scores.read_text().splitlines() if line.strip()]
 
 
-def _readme(workdir: str, inference: restore.Inference, quantization: str, options: dict) -> str:
+def _readme(workdir: str, checkpoint: str, inference: restore.Inference, quantization: str, options: dict) -> str:
   model = inference.config.model
+  run = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
+  command = (f'python -m admin_jax.export --workdir={run} --checkpoint={checkpoint} --out=DIR '
+             f'--quantization={quantization} --beam_size={options["beam_size"]} '
+             f'--length_penalty={options["length_penalty"]}')
   arguments = ', '.join(f'{k}={v!r}' for k, v in options.items())
   return '\n'.join([
       '# CTranslate2 export of an admin-jax run', '',
-      f'- run: `{os.path.abspath(workdir) if not workdir.startswith("gs://") else workdir}`, '
+      f'- run: `{run}`, '
       f'checkpoint steps {", ".join(map(str, inference.steps))}',
       f'- model: residual `{model.residual}` (exported as '
       f'{"Pre-LN" if model.residual == "pre_ln" else "Post-LN, shortcut scales folded into the weights"}), '
       f'{model.num_encoder_layers}+{model.num_decoder_layers} layers, d_model {model.d_model}, '
       f'ffn {model.ffn_dim}, {model.num_heads} heads; weights {quantization}',
       '- the run\'s test scores (our decoder):', *[f'  - {line}' for line in _bleu_lines(workdir)],
-      f'- made by: `python -m admin_jax.export {" ".join(sys.argv[1:])}`',
+      f'- made by: `{command}`',
       '- the run\'s config: `admin_jax_config.json`', '',
       '```python',
       'import ctranslate2, sentencepiece as spm',
@@ -326,7 +332,9 @@ def _readme(workdir: str, inference: restore.Inference, quantization: str, optio
       '[0].hypotheses[0]))',
       '```', '',
       "The options are the run's beam search: CTranslate2's `length_penalty` divides the same sum of "
-      'log-probabilities by the same length (the end token counted) as ours.', ''])
+      'log-probabilities by the same length (the end token counted) as ours. Our decoder also ends a '
+      f'translation of n source pieces after int({inference.config.eval.max_len_a} * n + '
+      f'{inference.config.eval.max_len_b}) pieces; CTranslate2 takes one `max_decoding_length` per call.', ''])
 
 
 def export(workdir: str, checkpoint: str, out: str, quantization: str,
@@ -343,7 +351,7 @@ def export(workdir: str, checkpoint: str, out: str, quantization: str,
   out_path = epath.Path(out)
   (out_path / _SPM_NAME).write_bytes(tokenizer.model_proto)
   (out_path / 'admin_jax_config.json').write_text(inference.config.to_json(indent=2, sort_keys=True) + '\n')
-  (out_path / 'README.md').write_text(_readme(workdir, inference, quantization,
+  (out_path / 'README.md').write_text(_readme(workdir, checkpoint, inference, quantization,
                                               decoding_options(inference.config)))
   return inference
 
