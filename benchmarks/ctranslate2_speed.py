@@ -18,13 +18,13 @@ from absl import app, flags
 import ctranslate2
 import sentencepiece as spm
 
+from admin_jax import cli
 from admin_jax import evaluation
 from admin_jax import export
+from admin_jax import inference_flags
 from admin_jax import restore
 from admin_jax.data import corpora
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest', f'Which weights: {restore.CHECKPOINT_FORMS}.')
 _THREADS = flags.DEFINE_integer('threads', os.cpu_count(), "CTranslate2's intra_threads.")
 _PASSES = 3
 
@@ -40,10 +40,11 @@ def _median_rate(translate, sentences: list[str]) -> tuple[float, list[str]]:
 
 def main(argv):
   del argv
-  workdir = _WORKDIR.value
+  cli.quiet_logging()
+  workdir = cli.require_workdir()  # --workdir and --checkpoint: the flags export.py uses
   config = restore.saved_config(workdir)
   sources = [source for source, _ in corpora.load_pairs(config, 'test')]
-  model = restore.load_for_inference(workdir, _CHECKPOINT.value, config)
+  model = restore.load_for_inference(workdir, inference_flags.CHECKPOINT.value, config)
   evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   evaluator.translate(model.params, sources)  # compiles
   rate, ours = _median_rate(lambda s: evaluator.translate(model.params, s), sources)
@@ -56,7 +57,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as folder:
     for quantization in ('float32', 'int8'):
       out = os.path.join(folder, quantization)
-      export.export(workdir, _CHECKPOINT.value, out, quantization, config)
+      export.export(workdir, inference_flags.CHECKPOINT.value, out, quantization, config)
       translator = ctranslate2.Translator(out, device='cpu', inter_threads=1, intra_threads=_THREADS.value)
 
       def translate(sentences, translator=translator):

@@ -238,7 +238,7 @@ def test_int8_bleu_within_one_of_float32(run, tmp_path):
   int8 = str(tmp_path / 'int8')
   export.export(workdir, 'latest', int8, 'int8')
   sizes = {path: (pathlib.Path(path) / 'model.bin').stat().st_size for path in (out, int8)}
-  assert sizes[int8] < sizes[out] / 3, sizes  # int8 matrices: a quarter of float32's bytes
+  assert sizes[int8] < sizes[out] / 2, sizes  # int8 matrices (float32 position encodings, norms, biases)
   pairs = _test_pairs(workdir)
   sources, references = [s for s, _ in pairs], [t for _, t in pairs]
   config = restore.saved_config(workdir)
