@@ -61,6 +61,10 @@ class Tokenizer:
     """`encode` of each text, in SentencePiece's own threads (twice as fast as one by one on one core)."""
     return [ids + [EOS_ID] for ids in self._sp.encode(texts, num_threads=os.cpu_count() or 1)]
 
+  def pieces(self) -> list[str]:
+    """Every piece, by id."""
+    return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
   def decode(self, ids: Iterable[int]) -> str:
     """Decodes up to the first EOS; ids past the vocabulary (padded embedding rows) become UNK."""
     kept = []
