@@ -1,11 +1,11 @@
-"""Compiles every row of README "Reproducing the paper" for the hardware it names; rewrites the rows' last cell.
+"""Compiles every row of docs/PAPER.md "Reproducing the paper" for the hardware it names; rewrites the rows' last cell.
 
     python scripts/compile_readme_table.py [--plans=workdirs/compile_plans] [--only=v4-8,...] [--table_only]
 
 Each row's recipe (residual `admin`: its train step and profiling pass) goes through `python -m
 admin_jax.compile` for its TPU slice and its GPUs, one compile at a time: a deep model takes
 minutes and gigabytes of host memory. Each plan is kept as PLANS/<row>-<target>.json (or .err, the
-job's one-line refusal), so a rerun compiles only what has no plan yet; the README's cells then
+job's one-line refusal), so a rerun compiles only what has no plan yet; the table's cells then
 show memory per chip, compile time on this host and the estimated days at 40% MFU, or say that a
 plan is missing.
 """
@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-README = REPO / 'README.md'
+PAPER = REPO / 'docs' / 'PAPER.md'
 
 _PLANS = flags.DEFINE_string('plans', str(REPO / 'workdirs' / 'compile_plans'), 'Where the plans are kept.')
 _ONLY = flags.DEFINE_list('only', [], 'Compile only these targets (the table is rewritten from every plan kept).')
@@ -105,14 +105,14 @@ def _training_time(record: dict) -> str:
 
 def rewrite_readme() -> None:
   """Replaces the last cell of each row of the table with its plans."""
-  lines = README.read_text().splitlines(keepends=True)
+  lines = PAPER.read_text().splitlines(keepends=True)
   for row in ROWS:
     prefix = f'| {row.dataset} | {row.layers} |'
     index = next(i for i, line in enumerate(lines) if line.startswith(prefix))
     cells = lines[index].rstrip('\n').split(' | ')
     cells[-1] = f'{_describe(row, row.tpu)}; {_describe(row, row.gpus)} |'
     lines[index] = ' | '.join(cells) + '\n'
-  README.write_text(''.join(lines))
+  PAPER.write_text(''.join(lines))
 
 
 def main(argv):
