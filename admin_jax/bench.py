@@ -33,7 +33,6 @@ from admin_jax import flops
 from admin_jax import optim
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
-from admin_jax.data import throughput
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from admin_jax.special_tokens import UNK_ID
@@ -310,6 +309,7 @@ def benchmark(name: str, preset: Preset, options: Options, steps: int, warmup_st
 def main(argv):
   del argv
   if _INPUT.value:
+    from admin_jax.data import throughput  # pylint: disable=g-import-not-at-top  (grain: not on the step's path)
     print(json.dumps(throughput.measure(cli.load_config(), cli.WORKDIR.value or '')), flush=True)
     return
   options = Options(remat=_REMAT.value, loss_chunk_tokens=_LOSS_CHUNK_TOKENS.value, prng_impl=_PRNG_IMPL.value,

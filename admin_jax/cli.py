@@ -30,6 +30,9 @@ CONFIG_JSON = 'config.json'
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Python config file, optionally with `:arg` for its get_config.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the resolved config.')
+# One definition for the jobs that write elsewhere (absl refuses a flag defined twice in a process).
+OUT = flags.DEFINE_string('out', None, 'Directory a job writes besides a workdir: an analysis\'s CSV and PNG '
+                          '(created if missing; may be a bucket), an exported model (must not exist).')
 
 CHOICES = {
     'model.residual': ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm'),

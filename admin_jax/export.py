@@ -38,7 +38,6 @@ from admin_jax.special_tokens import PAD_ID
 from admin_jax.special_tokens import UNK_ID
 
 QUANTIZATIONS = ('float32', 'int8', 'float16')
-OUT = flags.DEFINE_string('out', None, 'The CTranslate2 model directory to write (must not exist).')
 QUANTIZATION = flags.DEFINE_enum('quantization', 'float32', QUANTIZATIONS,
                                  'Weight type, quantized by CTranslate2 itself.')
 flags.adopt_module_key_flags(inference_flags)  # --help lists the shared flags too
@@ -359,11 +358,11 @@ def export(workdir: str, checkpoint: str, out: str, quantization: str,
 def main(argv):
   del argv
   workdir = cli.require_workdir()
-  if not OUT.value:
+  if not cli.OUT.value:
     raise UserError('--out is required: the CTranslate2 model directory to write')
   config = inference_flags.config_from_flags(workdir)
-  inference = export(workdir, inference_flags.CHECKPOINT.value, OUT.value, QUANTIZATION.value, config)
-  print(f'wrote {OUT.value}: {inference.config.model.residual} model, checkpoint step'
+  inference = export(workdir, inference_flags.CHECKPOINT.value, cli.OUT.value, QUANTIZATION.value, config)
+  print(f'wrote {cli.OUT.value}: {inference.config.model.residual} model, checkpoint step'
         f'{"s" * (len(inference.steps) > 1)} {", ".join(map(str, inference.steps))}, {QUANTIZATION.value}',
         file=sys.stderr)
 

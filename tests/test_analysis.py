@@ -219,7 +219,7 @@ def test_output_change_command(tmp_path):
   result = _run('output_change', '--config=configs/default.py', '--config.model.d_model=16',
                 '--config.model.ffn_dim=32', '--config.model.num_heads=2', '--config.model.num_decoder_layers=1',
                 '--config.data.vocab_size=50', '--depths=2,1', '--residuals=post_ln', '--num_seeds=1',
-                '--batch_size=2', '--length=5', f'--out={tmp_path}')
+                '--sentences=2', '--length=5', f'--out={tmp_path}')
   assert result.returncode == 0, result.stderr
   table = read_csv(tmp_path / 'output_change.csv')
   assert [row[:3] for row in table] == [list(output_change.HEADER[:3]), ['post_ln', '1', '2'], ['post_ln', '2', '4']]

@@ -14,19 +14,18 @@ from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from admin_jax.model.residual import RESIDUALS
 
-OUT = flags.DEFINE_string('out', None, 'Directory for the CSV and PNG (created if missing); may be a bucket.')
 RESIDUAL_LIST = flags.DEFINE_list('residuals', ['post_ln', 'pre_ln', 'admin'],
                                   f'Residual variants to compare, from {", ".join(RESIDUALS)}.')
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the model initialisation and of the random batch.')
-BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Sentences in the random batch.', lower_bound=1)
+SENTENCES = flags.DEFINE_integer('sentences', 8, 'Sentences in the random batch.', lower_bound=1)
 LENGTH = flags.DEFINE_integer('length', 32, 'Tokens per sentence of the random batch.', lower_bound=2)
 
 
 def output_dir() -> str:
   """--out; the first file written creates it (admin_jax.files)."""
-  if not OUT.value:
+  if not cli.OUT.value:
     raise UserError('--out is required')
-  return OUT.value
+  return cli.OUT.value
 
 
 def residuals() -> list[str]:
@@ -48,6 +47,6 @@ def model_config() -> TransformerConfig:
 
 
 def batch(cfg: TransformerConfig) -> dict[str, np.ndarray]:
-  """The random batch of --batch_size x --length tokens drawn with --seed."""
-  return probe.random_batch(cfg.vocab_size, BATCH_SIZE.value, LENGTH.value, SEED.value)
+  """The random batch of --sentences x --length tokens drawn with --seed."""
+  return probe.random_batch(cfg.vocab_size, SENTENCES.value, LENGTH.value, SEED.value)
 

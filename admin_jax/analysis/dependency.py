@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from admin_jax import cli
 from admin_jax import files
+from admin_jax import plots
 from admin_jax import restore
 from admin_jax import train_step
 from admin_jax.analysis import command
-from admin_jax import plots
 from admin_jax.analysis import probe
 from admin_jax.model import Transformer
 from admin_jax.model.layers import LN_EPS

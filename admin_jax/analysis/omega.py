@@ -14,8 +14,8 @@ from etils import epath
 
 from admin_jax import cli
 from admin_jax import files
-from admin_jax.analysis import command
 from admin_jax import plots
+from admin_jax.analysis import command
 from admin_jax.analysis import sublayers
 from admin_jax.errors import UserError
 

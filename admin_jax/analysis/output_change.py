@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from admin_jax import cli
 from admin_jax import files
-from admin_jax.analysis import command
 from admin_jax import plots
+from admin_jax.analysis import command
 from admin_jax.analysis import probe
 from admin_jax.errors import UserError
 from admin_jax.model import Transformer
