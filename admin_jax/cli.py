@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from admin_jax import files
 from admin_jax.errors import UserError
+from admin_jax.model.residual import RESIDUALS
 from configs import default
 
 CONFIG_JSON = 'config.json'
@@ -35,7 +36,7 @@ OUT = flags.DEFINE_string('out', None, 'Directory a job writes besides a workdir
                           '(created if missing; may be a bucket), an exported model (must not exist).')
 
 CHOICES = {
-    'model.residual': ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm'),
+    'model.residual': RESIDUALS,
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.stream_dtype': ('float32', 'bfloat16'),  # model.dtype=float16 keeps one of these streams
     'model.remat': ('none', 'full', 'dots'),

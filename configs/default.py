@@ -13,7 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.residual = 'admin'  # post_ln | pre_ln | admin | admin_logn | deepnorm
+  model.residual = 'admin'  # one of admin_jax.model.residual.RESIDUALS
   model.num_encoder_layers = 6
   model.num_decoder_layers = 6
   model.d_model = 512

@@ -1,10 +1,10 @@
-"""Shared pieces of the paper's recipes (spec section 5): argument parsing and common settings."""
+"""Shared pieces of the paper's recipes (the authors' scripts): argument parsing and common settings."""
 
 import ml_collections
 
+from admin_jax.model.residual import RESIDUALS
 from configs import default
 
-RESIDUALS = ('post_ln', 'pre_ln', 'admin', 'admin_logn', 'deepnorm')
 NO_UPDATE_LIMIT = 10 ** 9  # train.num_steps of a recipe that the authors stop by epochs only
 
 
