@@ -64,17 +64,17 @@ PRESETS = {
 _PRESET = flags.DEFINE_list('preset', ['base6'], f'Comma-separated presets: {", ".join(PRESETS)}.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per preset; the median is reported.', lower_bound=1)
 _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after compiling.', lower_bound=0)
-_REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Rematerialisation of each layer.')
+_REMAT = flags.DEFINE_enum('remat', 'none', cli.CHOICES['model.remat'], 'Rematerialisation of each layer.')
 _LOSS_CHUNK_TOKENS = flags.DEFINE_integer('loss_chunk_tokens', 0,
                                           'Tokens projected onto the vocabulary at a time in the loss (0: all).',
                                           lower_bound=0)
-_PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', ['threefry2x32', 'rbg', 'unsafe_rbg'],
+_PRNG_IMPL = flags.DEFINE_enum('prng_impl', 'threefry2x32', cli.CHOICES['train.prng_impl'],
                                'PRNG of the dropout keys (the masks are hashed from them).')
-_ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'flash'],
+_ATTENTION_IMPL = flags.DEFINE_enum('attention_impl', 'xla', cli.CHOICES['model.attention_impl'],
                                     'Attention implementation; cudnn runs with attention dropout 0 (it has none).')
-_LAYER_NORM_IMPL = flags.DEFINE_enum('layer_norm_impl', 'xla', ['xla', 'pallas'],
+_LAYER_NORM_IMPL = flags.DEFINE_enum('layer_norm_impl', 'xla', cli.CHOICES['model.layer_norm_impl'],
                                      'The residual LayerNorm: XLA fusions or one Pallas kernel each way.')
-_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16'],
+_STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', cli.CHOICES['model.stream_dtype'],
                                    'dtype of the residual stream between sublayers (model.stream_dtype).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', False, 'One lax.scan per stack (compile time flat in depth) '
                                   'rather than unrolled layers.')
