@@ -16,7 +16,7 @@ from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import cli
 from admin_jax import distributed
 from admin_jax import files
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax.data import tokenizer
 from admin_jax.errors import UserError
 
@@ -27,7 +27,7 @@ OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Workdir to write the avera
 
 def write_average(workdir: str, last: int, output_dir: str) -> list[int]:
   """Averages the last `last` checkpoints of `workdir` into `output_dir`; returns the steps averaged."""
-  model = restore.load_for_inference(workdir, f'avg:{last}')
+  model = trained_run.load_for_inference(workdir, f'avg:{last}')
   out = checkpoint_lib.Checkpoints(output_dir, keep=1, every_steps=1)
   if out.steps():
     raise UserError(f'{out.directory} already holds an average (step {out.latest_step()}); '

@@ -26,7 +26,7 @@ from admin_jax import deviceless
 from admin_jax import files
 from admin_jax import flops
 from admin_jax import optim
-from admin_jax import profiling
+from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import targets
 from admin_jax import train_step as train_step_lib
@@ -192,7 +192,7 @@ def plan(config: ml_collections.ConfigDict, target: targets.Target, devices: lis
         setup, config.train, micro_sharding), state, micro_batches)
     programs['train_step'], needed['train_step'] = compiled.as_text(), _needed_bytes(compiled)
     if config.model.residual == 'admin':
-      compiled, seconds['profiling_pass'] = _compiled('profiling pass', profiling.profile_pass(
+      compiled, seconds['profiling_pass'] = _compiled('profiling pass', omega_init.profile_pass(
           setup, mask_padding=config.admin.mask_padding), state, batch((profile_rows, length), False)[1])
       programs['profiling_pass'], needed['profiling_pass'] = compiled.as_text(), _needed_bytes(compiled)
   for name, program in programs.items() if dump_dir else ():

@@ -12,7 +12,7 @@ from absl import flags
 
 from admin_jax import cli
 from admin_jax import distributed
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import inference_flags
 
 SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'], 'Which split of the run\'s corpus to score.')
@@ -29,7 +29,7 @@ def main(argv):
   config = inference_flags.config_from_flags(workdir)
   config.eval.max_sentences = 0  # the whole valid split, not training's quick subset
   model = inference_flags.load_from_flags(workdir, config)
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   split = SPLIT.value
   scores = evaluator.test(model.params, workdir, split)
   if distributed.is_lead():

@@ -26,7 +26,7 @@ import numpy as np
 from admin_jax import cli
 from admin_jax import files
 from admin_jax import inference_flags
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax import train_step as train_step_lib
 from admin_jax.errors import UserError
 from admin_jax.model import layers
@@ -306,7 +306,7 @@ def _bleu_lines(workdir: str) -> list[str]:
   return [line for line in scores.read_text().splitlines() if line.strip()]
 
 
-def _readme(workdir: str, checkpoint: str, inference: restore.Inference, quantization: str, options: dict) -> str:
+def _readme(workdir: str, checkpoint: str, inference: trained_run.Inference, quantization: str, options: dict) -> str:
   model = inference.config.model
   run = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
   command = (f'python -m admin_jax.export --workdir={run} --checkpoint={checkpoint} --out=DIR '
@@ -337,11 +337,11 @@ def _readme(workdir: str, checkpoint: str, inference: restore.Inference, quantiz
 
 
 def export(workdir: str, checkpoint: str, out: str, quantization: str,
-           config: ml_collections.ConfigDict | None = None) -> restore.Inference:
+           config: ml_collections.ConfigDict | None = None) -> trained_run.Inference:
   """Writes the model of `workdir` at `checkpoint` to the CTranslate2 directory `out`."""
   if epath.Path(out).exists():
     raise UserError(f'--out={out} already exists')
-  inference = restore.load_for_inference(workdir, checkpoint, config)
+  inference = trained_run.load_for_inference(workdir, checkpoint, config)
   model = train_step_lib.model_from(inference.setup, inference.params)
   tokenizer = inference.tokenizer
   num_positions = max(MIN_POSITIONS, inference.config.data.max_len)

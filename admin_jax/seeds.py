@@ -19,11 +19,11 @@ import numpy as np
 
 from admin_jax import cli
 from admin_jax import distributed
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import files
-from admin_jax import profile
-from admin_jax import profiling
-from admin_jax import restore
+from admin_jax import profile_omega
+from admin_jax import omega_init
+from admin_jax import trained_run
 from admin_jax import train
 from admin_jax.data import tokenizer as tokenizer_lib
 from admin_jax.errors import UserError
@@ -31,7 +31,7 @@ from admin_jax.errors import UserError
 SEEDS = flags.DEFINE_list('seeds', ['1111', '2222', '3333', '4444', '5555'],
                           'Training seeds, comma-separated; the first also seeds the profile.')
 CHECKPOINT = flags.DEFINE_string('checkpoint', 'avg:10', f'Which weights each seed is scored with: '
-                                 f'{restore.CHECKPOINT_FORMS}.')
+                                 f'{trained_run.CHECKPOINT_FORMS}.')
 SEEDS_JSON = 'seeds.json'
 FIGURES = {'tokenized_bleu': 'tokenized BLEU', 'bleu': 'sacreBLEU', 'compound_split_bleu': 'compound-split BLEU',
            'chrf': 'chrF2'}
@@ -52,11 +52,11 @@ def shared_profile(config: ml_collections.ConfigDict, workdir: str, seed: int) -
   config = copy.deepcopy(config)
   folder = epath.Path(workdir) / 'profile'
   if config.model.residual == 'admin' and not config.admin.profile_path:
-    if not (folder / profiling.OMEGA_JSON).exists():
+    if not (folder / omega_init.OMEGA_JSON).exists():
       first = copy.deepcopy(config)
       first.train.seed = seed
-      profile.profile_workdir(first, str(folder))
-    config.admin.profile_path = str(folder / profiling.OMEGA_JSON)
+      profile_omega.profile_workdir(first, str(folder))
+    config.admin.profile_path = str(folder / omega_init.OMEGA_JSON)
   if not config.data.spm_model:
     tokenizer_lib.load_or_train_tokenizer(config, str(folder))  # the profile's, else one trained there
     config.data.spm_model = str(folder / tokenizer_lib.MODEL_NAME)
@@ -78,7 +78,7 @@ def main(argv):
   workdir = cli.require_workdir()
   distributed.initialize()
   seeds = parse_seeds(SEEDS.value)
-  restore.parse_checkpoint(CHECKPOINT.value)
+  trained_run.parse_checkpoint(CHECKPOINT.value)
   config = shared_profile(config, workdir, seeds[0])
   per_seed = {}
   for seed in seeds:
@@ -86,8 +86,8 @@ def main(argv):
     run_config.train.seed = seed
     run_dir = str(epath.Path(workdir) / f'seed_{seed}')
     train.train_and_evaluate(run_config, run_dir)
-    model = restore.load_for_inference(run_dir, CHECKPOINT.value)
-    evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+    model = trained_run.load_for_inference(run_dir, CHECKPOINT.value)
+    evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
     scores = evaluator.test(model.params, run_dir)
     per_seed[seed] = {figure: float(scores[f'test_{figure}']) for figure in FIGURES}
   summary = summarize(per_seed)

@@ -17,11 +17,11 @@ from tqdm import tqdm
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import cli
 from admin_jax import distributed
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import flops
 from admin_jax import metrics as metrics_lib
 from admin_jax import optim
-from admin_jax import profiling
+from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import targets
 from admin_jax import tracing
@@ -85,23 +85,23 @@ def stack_micro_batches(iterator, count: int) -> dict[str, np.ndarray]:
 def initial_omegas(config, workdir, setup, state, train_iter, mesh) -> train_step_lib.TrainState:
   """Admin: reuse a given or existing profile, else profile the first training batch."""
   model = config.model
-  existing = profiling.find_existing_profile(workdir, config.admin.profile_path)
+  existing = omega_init.find_existing_profile(workdir, config.admin.profile_path)
   if existing:
-    omegas = profiling.read_profile(existing, model.num_encoder_layers, model.num_decoder_layers)
+    omegas = omega_init.read_profile(existing, model.num_encoder_layers, model.num_decoder_layers)
     print(f'omega from {existing} (not profiling again)')
   else:
     position = train_iter.get_state()
     first = next(train_iter)
     train_iter.set_state(position)  # step 0 trains on the same batch
     start = time.perf_counter()
-    batch, rows = profiling.profile_batch(first, config.admin.profile_tokens, mesh)
-    omegas = profiling.profile_omegas(setup, state, batch, mask_padding=config.admin.mask_padding)
+    batch, rows = omega_init.profile_batch(first, config.admin.profile_tokens, mesh)
+    omegas = omega_init.profile_omegas(setup, state, batch, mask_padding=config.admin.mask_padding)
     if distributed.is_lead():
-      profiling.write_profile(workdir, omegas, profiling.batch_statistics(rows))
+      omega_init.write_profile(workdir, omegas, omega_init.batch_statistics(rows))
     print(f'profiled omega in {time.perf_counter() - start:.1f}s: encoder '
           f'{omegas["encoder"][0]:.3f}..{omegas["encoder"][-1]:.3f}, decoder '
-          f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {epath.Path(workdir) / profiling.OMEGA_JSON}')
-  return profiling.with_omegas(setup, state, omegas)
+          f'{omegas["decoder"][0]:.3f}..{omegas["decoder"][-1]:.3f} -> {epath.Path(workdir) / omega_init.OMEGA_JSON}')
+  return omega_init.with_omegas(setup, state, omegas)
 
 
 def completed_epochs(train_iter: pipeline.TrainIterator) -> int:
@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
   writer.write(int(state.step), {**compile_info, 'peak_tflops': peak, 'peak_source': peak_source})
 
-  evaluator = evaluation.Evaluator(config, tokenizer, setup, mesh)
+  evaluator = corpus_eval.Evaluator(config, tokenizer, setup, mesh)
   start_step = int(state.step)
   num_steps = config.train.num_steps
   window = []

@@ -14,7 +14,7 @@ from absl import flags
 
 from admin_jax import cli
 from admin_jax import distributed
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import inference_flags
 from admin_jax.data import corpora
 from admin_jax.errors import UserError
@@ -51,7 +51,7 @@ def main(argv):
   distributed.initialize()
   sources = corpora.read_lines(INPUT.value) if INPUT.value else _read_stdin()
   model = inference_flags.load_from_flags(workdir, inference_flags.config_from_flags(workdir))
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   translations = evaluator.translate(model.params, sources, progress=INPUT.value is not None)
   if distributed.is_lead():
     _write(translations, OUTPUT.value)

@@ -19,10 +19,10 @@ import ctranslate2
 import sentencepiece as spm
 
 from admin_jax import cli
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import export
 from admin_jax import inference_flags
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax.data import corpora
 
 _THREADS = flags.DEFINE_integer('threads', os.cpu_count(), "CTranslate2's intra_threads.")
@@ -42,10 +42,10 @@ def main(argv):
   del argv
   cli.quiet_logging()
   workdir = cli.require_workdir()  # --workdir and --checkpoint: the flags export.py uses
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   sources = [source for source, _ in corpora.load_pairs(config, 'test')]
-  model = restore.load_for_inference(workdir, inference_flags.CHECKPOINT.value, config)
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  model = trained_run.load_for_inference(workdir, inference_flags.CHECKPOINT.value, config)
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   evaluator.translate(model.params, sources)  # compiles
   rate, ours = _median_rate(lambda s: evaluator.translate(model.params, s), sources)
   common = {'sentences': len(sources), 'beam_size': config.eval.beam_size, 'host_cpus': os.cpu_count()}

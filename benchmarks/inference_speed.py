@@ -20,8 +20,8 @@ import jax
 import numpy as np
 
 from admin_jax import cli
-from admin_jax import evaluation
-from admin_jax import profiling
+from admin_jax import corpus_eval
+from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import train
 from admin_jax.errors import UserError
@@ -50,14 +50,14 @@ def time_profiling_pass(run: train.Run, mask_padding: bool) -> dict:
   batch = sharding.global_batch(next(run.train_iter), run.mesh)
   with compile_seconds() as compiling:
     start = time.perf_counter()
-    omegas = profiling.profile_omegas(run.setup, run.state, batch, mask_padding=mask_padding)
+    omegas = omega_init.profile_omegas(run.setup, run.state, batch, mask_padding=mask_padding)
     seconds = time.perf_counter() - start
   return {'profile_seconds': seconds, 'profile_compile_seconds': compiling[0],
           'profile_rows': int(batch['targets'].shape[0]), 'omega_max': float(max(np.max(v) for v in omegas.values()))}
 
 
 def time_decoding(run: train.Run, config) -> dict:
-  evaluator = evaluation.Evaluator(config, run.tokenizer, run.setup, run.mesh)
+  evaluator = corpus_eval.Evaluator(config, run.tokenizer, run.setup, run.mesh)
   sources = [source for source, _ in evaluator.pairs('test')]
   with compile_seconds() as compiling:
     start = time.perf_counter()

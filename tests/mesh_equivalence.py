@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from admin_jax import optim
-from admin_jax import profiling
+from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.model import TransformerConfig
@@ -51,12 +51,12 @@ def main() -> None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices)
     tx, schedule = optim.make_optimizer(train)
     setup, state = train_step_lib.create_train_state(cfg, tx, schedule, mesh, seed=0, prng_impl=prng_impl)
-    omegas = profiling.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
+    omegas = omega_init.profile_omegas(setup, state, sharding.global_batch(batches[0], mesh), mask_padding=False)
     if prng_impl == 'threefry2x32' and cfg is model_cfg:  # admin.profile_tokens: 3 of the 8 rows, split or not
-      few, _ = profiling.profile_batch(batches[0], PROFILE_TOKENS, mesh)
-      results[f'profile_tokens/{name}'] = {k: v.tolist() for k, v in profiling.profile_omegas(
+      few, _ = omega_init.profile_batch(batches[0], PROFILE_TOKENS, mesh)
+      results[f'profile_tokens/{name}'] = {k: v.tolist() for k, v in omega_init.profile_omegas(
           setup, state, few, mask_padding=False).items()}
-    state = profiling.with_omegas(setup, state, omegas)
+    state = omega_init.with_omegas(setup, state, omegas)
     micro = sharding.global_batch({k: v[None] for k, v in batches[0].items()}, mesh, micro_batched=True)
     step = train_step_lib.jit_train_step(setup, train, jax.tree.map(lambda a: a.sharding, micro))
     losses = []

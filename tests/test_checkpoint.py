@@ -29,7 +29,7 @@ import pytest
 
 from admin_jax import checkpoint as checkpoint_lib
 from admin_jax import optim
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.data import pipeline
@@ -253,7 +253,7 @@ def test_epochs_stop_exactly_after_a_resume_and_avg_takes_the_last_epochs(scenar
   workdir = scenario.workdir
   for run in scenario.runs:
     assert run.returncode == 0, run.stderr[-3000:]
-  config = restore.saved_config(str(workdir))
+  config = trained_run.saved_config(str(workdir))
   batches = pipeline.train_iterator(config, Tokenizer.load(workdir / 'spm.model'), seed=config.train.seed,
                                     process_index=0, process_count=1)
   first, second = (len(list(batches.one_epoch())) for _ in range(2))  # the epochs' sizes, counted apart
@@ -263,10 +263,10 @@ def test_epochs_stop_exactly_after_a_resume_and_avg_takes_the_last_epochs(scenar
   checkpoints = checkpoint_lib.Checkpoints(str(workdir), keep=3, every_steps=EVERY)
   assert checkpoints.epoch_steps() == {first: 1, first + second: 2}
   assert len(checkpoints.steps()) > 3  # the latest 3 and the epochs' both kept
-  assert restore.averaged_steps(checkpoints, 2) == [first, first + second]
-  assert restore.averaged_steps(checkpoints, 1) == [first + second]
+  assert trained_run.averaged_steps(checkpoints, 2) == [first, first + second]
+  assert trained_run.averaged_steps(checkpoints, 1) == [first + second]
   with pytest.raises(UserError, match=r'avg:3 needs 3 epoch checkpoints, .* has 2: epochs \[1, 2\]'):
-    restore.averaged_steps(checkpoints, 3)
+    trained_run.averaged_steps(checkpoints, 3)
 
 
 def test_damaged_latest_checkpoint_is_reported_set_aside_and_the_previous_used(scenarios, reference):

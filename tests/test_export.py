@@ -18,9 +18,9 @@ import sacrebleu
 import sentencepiece as spm
 
 from admin_jax import cli
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import export
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax.data import corpora
 from admin_jax.errors import UserError
 from admin_jax.model import Transformer
@@ -180,7 +180,7 @@ def _ct2_translate(translator, workdir: str, sp_path: str, sources: list[str], *
   """What a user does: SentencePiece pieces in, pieces out; one call a sentence, whose length limit
   is ours (`export.max_decoding_length`)."""
   sp = spm.SentencePieceProcessor(model_file=sp_path)
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   out = []
   for source in sources:
     pieces = sp.encode(source, out_type=str)
@@ -191,15 +191,15 @@ def _ct2_translate(translator, workdir: str, sp_path: str, sources: list[str], *
 
 
 def _ours(workdir: str, sources: list[str], beam_size: int, length_penalty: float) -> list[str]:
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   config.eval.beam_size, config.eval.length_penalty = beam_size, length_penalty
-  model = restore.load_for_inference(workdir, 'latest', config)
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  model = trained_run.load_for_inference(workdir, 'latest', config)
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   return evaluator.translate(model.params, sources)
 
 
 def _test_pairs(workdir: str) -> list[tuple[str, str]]:
-  return corpora.load_pairs(restore.saved_config(workdir), 'test')
+  return corpora.load_pairs(trained_run.saved_config(workdir), 'test')
 
 
 def test_export_directory_is_self_contained(run):
@@ -229,7 +229,7 @@ def test_beam_translations_agree(run):
   scores -1.85, CTranslate2's -6.23.
   """
   workdir, out = run.workdir, run.export
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   sources = [source for source, _ in _test_pairs(workdir)[:SENTENCES]]
   options = export.decoding_options(config)
   theirs = _ct2_translate(_translator(out), workdir, f'{out}/spm.model', sources, **options)
@@ -245,7 +245,7 @@ def test_int8_bleu_within_one_of_float32(run, tmp_path):
   assert sizes[int8] < sizes[out] / 2, sizes  # int8 matrices (float32 position encodings, norms, biases)
   pairs = _test_pairs(workdir)
   sources, references = [s for s, _ in pairs], [t for _, t in pairs]
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   sp = spm.SentencePieceProcessor(model_file=f'{out}/spm.model')
   pieces = [sp.encode(source, out_type=str) for source in sources]
   options = dict(export.decoding_options(config), max_batch_size=config.data.eval_batch_size,

@@ -14,8 +14,8 @@ import sacrebleu
 import sentencepiece as spm
 
 from admin_jax import checkpoint as checkpoint_lib
-from admin_jax import evaluation
-from admin_jax import restore
+from admin_jax import corpus_eval
+from admin_jax import trained_run
 from admin_jax import sharding
 from admin_jax.data import corpora
 from conftest import REPO
@@ -47,50 +47,50 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def test_checkpoint_names_resolve_to_steps(workdir):
-  checkpoints = restore.open_checkpoints(workdir, restore.saved_config(workdir))
+  checkpoints = trained_run.open_checkpoints(workdir, trained_run.saved_config(workdir))
   steps = checkpoints.steps()
   assert steps[-3:] == [2, 4, 6]
-  assert restore.resolve_steps(checkpoints, 'latest') == [6]
-  assert restore.resolve_steps(checkpoints, '4') == [4]
-  assert restore.resolve_steps(checkpoints, 'avg:2') == [4, 6]
-  assert restore.resolve_steps(checkpoints, f'avg:{len(steps)}') == steps
+  assert trained_run.resolve_steps(checkpoints, 'latest') == [6]
+  assert trained_run.resolve_steps(checkpoints, '4') == [4]
+  assert trained_run.resolve_steps(checkpoints, 'avg:2') == [4, 6]
+  assert trained_run.resolve_steps(checkpoints, f'avg:{len(steps)}') == steps
 
 
 def test_average_is_the_mean_of_restored_params(workdir, tmp_path):
-  config = restore.saved_config(workdir)
-  checkpoints = restore.open_checkpoints(workdir, config)
-  tokenizer = restore.load_tokenizer(config, workdir)
-  _, abstract = restore.model_setup(config, tokenizer.vocab_size, sharding.make_mesh(config.mesh))
+  config = trained_run.saved_config(workdir)
+  checkpoints = trained_run.open_checkpoints(workdir, config)
+  tokenizer = trained_run.load_tokenizer(config, workdir)
+  _, abstract = trained_run.model_setup(config, tokenizer.vocab_size, sharding.make_mesh(config.mesh))
   early, late = (_leaves(checkpoints.restore_params(step, abstract)) for step in (2, 6))
   assert any(not np.array_equal(a, b) for a, b in zip(early, late))
 
-  for single, original in zip(_leaves(restore.average_params(checkpoints, [6], abstract)), late):
+  for single, original in zip(_leaves(trained_run.average_params(checkpoints, [6], abstract)), late):
     np.testing.assert_array_equal(single, original)
-  copies = _leaves(restore.average_params(checkpoints, [6, 6, 6], abstract))
+  copies = _leaves(trained_run.average_params(checkpoints, [6, 6, 6], abstract))
   for average, original in zip(copies, late):
     np.testing.assert_allclose(average, original, rtol=1e-6, atol=0)
-  mean = _leaves(restore.average_params(checkpoints, [2, 6], abstract))
+  mean = _leaves(trained_run.average_params(checkpoints, [2, 6], abstract))
   for average, a, b in zip(mean, early, late):
     np.testing.assert_allclose(average, np.mean([a, b], axis=0), rtol=1e-6, atol=1e-7)
 
   output_dir = tmp_path / 'averaged'
   proc = _run('average', f'--workdir={workdir}', '--last=2', f'--output_dir={output_dir}')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  written = restore.open_checkpoints(str(output_dir), restore.saved_config(str(output_dir)))
+  written = trained_run.open_checkpoints(str(output_dir), trained_run.saved_config(str(output_dir)))
   assert written.steps() == [6]
   for saved, expected in zip(_leaves(written.restore_params(6, abstract)),
-                             _leaves(restore.average_params(checkpoints, [4, 6], abstract))):
+                             _leaves(trained_run.average_params(checkpoints, [4, 6], abstract))):
     np.testing.assert_array_equal(saved, expected)
   # The average carries the run's SentencePiece model in its meta, as training's checkpoints do.
   run_model = (pathlib.Path(workdir) / 'spm.model').read_bytes()
   assert (output_dir / 'spm.model').read_bytes() == run_model
   (output_dir / 'spm.model').unlink()
-  assert restore.load_for_inference(str(output_dir)).tokenizer.model_proto == run_model
+  assert trained_run.load_for_inference(str(output_dir)).tokenizer.model_proto == run_model
   assert checkpoint_lib.tokenizer_from_meta({'config': {}}) is None  # older metas: restore falls back to the file
 
 
 def test_translations_come_back_in_input_order(workdir, tmp_path):
-  config = restore.saved_config(workdir)
+  config = trained_run.saved_config(workdir)
   words = ' '.join(source for source, _ in corpora.load_pairs(config, 'test')).split()
   by_length = {n: ' '.join(words[i % len(words)] for i in range(n)) for n in (1, 8, 40)}
   lines = [by_length[n] for n in (1, 40, 8, 1, 40, 8, 1)]
@@ -104,8 +104,8 @@ def test_translations_come_back_in_input_order(workdir, tmp_path):
   assert len(translations) == len(lines)
 
   config.data.eval_batch_size = 1
-  model = restore.load_for_inference(workdir, 'latest', config)
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  model = trained_run.load_for_inference(workdir, 'latest', config)
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   alone = {text: evaluator.translate(model.params, [text])[0] for text in by_length.values()}
   assert translations == [alone[line] for line in lines]
   assert len(set(alone.values())) == len(alone)  # the comparison can tell the lines apart
@@ -123,7 +123,7 @@ def _other_spm_model(sentences: list[str]) -> bytes:
 def test_translate_uses_the_checkpoints_own_tokenizer(workdir, tmp_path, spm_file, checkpoint):
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
-  sources = [source for source, _ in corpora.load_pairs(restore.saved_config(workdir), 'test')]
+  sources = [source for source, _ in corpora.load_pairs(trained_run.saved_config(workdir), 'test')]
   if spm_file == 'deleted':
     (copy / 'spm.model').unlink()
   else:
@@ -134,8 +134,8 @@ def test_translate_uses_the_checkpoints_own_tokenizer(workdir, tmp_path, spm_fil
               f'--output={output}')
   assert proc.returncode == 0, proc.stderr[-3000:]
 
-  model = restore.load_for_inference(workdir, checkpoint)  # the untouched run, with its own spm.model
-  evaluator = evaluation.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
+  model = trained_run.load_for_inference(workdir, checkpoint)  # the untouched run, with its own spm.model
+  evaluator = corpus_eval.Evaluator(model.config, model.tokenizer, model.setup, model.mesh)
   assert output.read_text().split('\n')[:-1] == evaluator.translate(model.params, sources)
 
 
@@ -174,7 +174,7 @@ def test_evaluate_prints_and_writes_sacrebleu(workdir):
   assert printed_chrf, proc.stdout
 
   hypotheses = corpora.read_lines(f'{workdir}/eval/test.hyp')
-  references = [target for _, target in corpora.load_pairs(restore.saved_config(workdir), 'test')]
+  references = [target for _, target in corpora.load_pairs(trained_run.saved_config(workdir), 'test')]
   assert len(hypotheses) == len(references)
   # The 6-step model's BLEU is 0 (no word in common with the references); its chrF is not.
   assert float(printed.group(1)) == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score, abs=0.005)

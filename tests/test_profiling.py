@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from admin_jax import optim
-from admin_jax import profiling
+from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.errors import UserError
@@ -99,11 +99,11 @@ def _setup(seed=0, dropout=0.1):
 def test_dropout_profile_is_deterministic_per_seed(np_rng):
   batch = packed_batch(np_rng, 2, 12, VOCAB, [[5, 4], [6]])  # a third of the tokens are padding
   (setup, state), mesh = _setup(seed=0)
-  first = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
-  again = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
+  first = omega_init.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
+  again = omega_init.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=False)
   (setup_off, state_off), _ = _setup(seed=0, dropout=0.0)
-  off = profiling.profile_omegas(setup_off, state_off, sharding.global_batch(batch, mesh), mask_padding=False)
-  masked = profiling.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=True)
+  off = omega_init.profile_omegas(setup_off, state_off, sharding.global_batch(batch, mesh), mask_padding=False)
+  masked = omega_init.profile_omegas(setup, state, sharding.global_batch(batch, mesh), mask_padding=True)
   for stack in ('encoder', 'decoder'):
     np.testing.assert_array_equal(first[stack], again[stack])
     assert not np.allclose(first[stack], off[stack]), 'dropout is active during profiling'
@@ -114,7 +114,7 @@ def test_with_omegas_changes_only_omega(np_rng):
   (setup, state), mesh = _setup()
   before = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
   omegas = {'encoder': np.arange(1, 7) * 0.5, 'decoder': np.arange(1, 10) * 0.25}
-  after = profiling.with_omegas(setup, state, omegas)
+  after = omega_init.with_omegas(setup, state, omegas)
   model = train_step_lib.model_from(setup, after.params)
   np.testing.assert_allclose(model.get_omegas()['encoder'], omegas['encoder'], rtol=1e-6)
   np.testing.assert_allclose(model.get_omegas()['decoder'], omegas['decoder'], rtol=1e-6)
@@ -125,30 +125,30 @@ def test_with_omegas_changes_only_omega(np_rng):
 
 def test_profile_files_round_trip_and_mismatch(tmp_path):
   omegas = {'encoder': np.array([1.0, 1.25, 1.5, 1.625]), 'decoder': np.array([1.0, 1.5, 1.75, 2.0, 2.25, 2.5])}
-  profiling.write_profile(str(tmp_path), omegas, {'inputs_tokens': 3})
+  omega_init.write_profile(str(tmp_path), omegas, {'inputs_tokens': 3})
   assert (tmp_path / 'omega.png').stat().st_size > 0
   lines = (tmp_path / 'profile.ratio.init').read_text().splitlines()
   assert lines[0] == '1 1.0' and lines[4] == '1 1.0' and lines[-1].startswith('6 ')
   for name in ('omega.json', 'profile.ratio.init'):
-    back = profiling.read_profile(str(tmp_path / name), 2, 2)
+    back = omega_init.read_profile(str(tmp_path / name), 2, 2)
     for stack in omegas:
       np.testing.assert_array_equal(back[stack], omegas[stack])
   with pytest.raises(UserError, match='has 4 encoder and 6 decoder sublayers; the model has 12 and 18'):
-    profiling.read_profile(str(tmp_path / 'profile.ratio.init'), 6, 6)
+    omega_init.read_profile(str(tmp_path / 'profile.ratio.init'), 6, 6)
   values_only = tmp_path / 'values.init'
   values_only.write_text('\n'.join(str(v) for v in [*omegas['encoder'], *omegas['decoder']]))
-  np.testing.assert_array_equal(profiling.read_profile(str(values_only), 2, 2)['decoder'], omegas['decoder'])
+  np.testing.assert_array_equal(omega_init.read_profile(str(values_only), 2, 2)['decoder'], omegas['decoder'])
 
 
 def test_profile_batch_takes_the_first_rows_and_refuses_more_than_the_batch(np_rng):
   batch = packed_batch(np_rng, 4, 8, VOCAB, [[8], [3, 5], [6], [2]])
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
-  placed, rows = profiling.profile_batch(batch, 23, mesh)  # 2 whole rows of 8 tokens
+  placed, rows = omega_init.profile_batch(batch, 23, mesh)  # 2 whole rows of 8 tokens
   for k, v in batch.items():
     np.testing.assert_array_equal(rows[k], v[:2])
     np.testing.assert_array_equal(placed[k], v[:2])
   with pytest.raises(UserError, match='profile_tokens=40 is not between one and all 4 rows of 8 tokens'):
-    profiling.profile_batch(batch, 40, mesh)
+    omega_init.profile_batch(batch, 40, mesh)
 
 
 def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
@@ -159,7 +159,7 @@ def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
               '--config.model.ffn_dim=64', '--config.model.num_encoder_layers=2', '--config.model.num_decoder_layers=2',
               '--config.data.synthetic_train_size=500', '--config.data.synthetic_eval_size=4',
               '--config.data.tokens_per_batch=512', '--config.data.max_len=32', '--config.data.vocab_size=200']
-  out = subprocess.run([python(), '-m', 'admin_jax.profile', *tiny_run, '--config.admin.profile_tokens=80'],
+  out = subprocess.run([python(), '-m', 'admin_jax.profile_omega', *tiny_run, '--config.admin.profile_tokens=80'],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   profile = (tmp_path / 'omega.json').read_text()
@@ -172,3 +172,16 @@ def test_profile_job_writes_files_and_train_reuses_them(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'omega from {tmp_path}/omega.json' in out.stdout
   assert (tmp_path / 'omega.json').read_text() == profile
+
+
+def test_the_former_profile_command_runs_the_same_job(tmp_path):
+  """`python -m admin_jax.profile` (what users typed before `profile_omega`) is the same job: its check of
+  the residual answers before any work."""
+  import subprocess
+
+  from conftest import REPO, python, subprocess_env
+  out = subprocess.run([python(), '-m', 'admin_jax.profile', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                        '--config.model.residual=post_ln'], cwd=REPO, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.strip() == (
+      "error: profiling applies to model.residual='admin', not 'post_ln'"), out.stderr

@@ -18,11 +18,11 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from admin_jax import cli
-from admin_jax import evaluation
+from admin_jax import corpus_eval
 from admin_jax import files
 from admin_jax import metrics
-from admin_jax import profiling
-from admin_jax import restore
+from admin_jax import omega_init
+from admin_jax import trained_run
 from admin_jax import train
 from admin_jax.analysis import omega
 from admin_jax.data import tokenizer
@@ -83,7 +83,7 @@ def test_config_json_is_written_and_checked_on_resume(bucket):
   cli.write_config(config, WORKDIR)
   assert json.loads((bucket / 'config.json').read_text()) == config.to_dict()
   train.check_workdir_compatible(config, WORKDIR)
-  assert restore.saved_config(WORKDIR).to_dict() == config.to_dict()  # what translate and evaluate read
+  assert trained_run.saved_config(WORKDIR).to_dict() == config.to_dict()  # what translate and evaluate read
   config.model.d_model *= 2
   with pytest.raises(UserError, match='model.d_model'):
     train.check_workdir_compatible(config, WORKDIR)
@@ -129,13 +129,13 @@ def test_training_curves_plot_into_the_bucket(bucket):
 
 def test_profile_is_written_found_and_read_back(bucket):
   omegas = {'encoder': np.array([1.0, 1.25, 1.5, 1.625]), 'decoder': np.array([1.0, 1.5, 1.75, 2.0, 2.25, 2.5])}
-  profiling.write_profile(WORKDIR, omegas, {'inputs_tokens': 3})
+  omega_init.write_profile(WORKDIR, omegas, {'inputs_tokens': 3})
   assert (bucket / 'profile.ratio.init').read_text().splitlines()[:2] == ['1 1.0', '2 1.25']
   assert (bucket / 'omega.png').read_bytes().startswith(PNG_SIGNATURE)
-  found = profiling.find_existing_profile(WORKDIR, '')
+  found = omega_init.find_existing_profile(WORKDIR, '')
   assert found == f'{WORKDIR}/omega.json'
   for path in (found, f'{WORKDIR}/profile.ratio.init'):
-    back = profiling.read_profile(path, 2, 2)
+    back = omega_init.read_profile(path, 2, 2)
     for stack in omegas:
       np.testing.assert_array_equal(back[stack], omegas[stack])
   rows = omega.run(omega.read_omegas(WORKDIR), f'{WORKDIR}/analysis')
@@ -144,7 +144,7 @@ def test_profile_is_written_found_and_read_back(bucket):
 
 
 def test_eval_outputs_are_written(bucket):
-  evaluation.write_outputs(WORKDIR, 'test', ['ein Haus', 'zwei'], {'bleu': 12.5, 'signature': 'nrefs:1'})
+  corpus_eval.write_outputs(WORKDIR, 'test', ['ein Haus', 'zwei'], {'bleu': 12.5, 'signature': 'nrefs:1'})
   assert (bucket / 'eval' / 'test.hyp').read_text() == 'ein Haus\nzwei\n'
   assert (bucket / 'eval' / 'test.scores').read_text() == 'bleu: 12.5\nsignature: nrefs:1\n'
 

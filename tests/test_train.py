@@ -17,7 +17,7 @@ import pytest
 from admin_jax import cli
 from admin_jax import flops
 from admin_jax import optim
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax import sharding
 from admin_jax import train as train_lib
 from admin_jax import train_step as train_step_lib
@@ -131,13 +131,13 @@ def test_a_workdir_config_of_an_earlier_version_reads_over_the_defaults(tmp_path
   path.write_text(json.dumps(saved))
   assert cli.read_config(str(tmp_path)).to_dict() == config.to_dict()  # the demo keeps both at their defaults
   train_lib.check_workdir_compatible(config, str(tmp_path))
-  assert restore.saved_config(str(tmp_path)).model.stream_dtype == 'float32'
+  assert trained_run.saved_config(str(tmp_path)).model.stream_dtype == 'float32'
   refused = [({**saved, 'model': {**saved['model'], 'gone': 1}}, 'has keys this version does not know: model.gone'),
              ({**saved, 'train': {**saved['train'], 'lr': 'fast'}}, "Could not override field 'lr'"),
              ([saved], 'is damaged: not a config of sections of keys')]
   for text, message in [(json.dumps(value), message) for value, message in refused] + [('{"model": {', 'is damaged: ')]:
     path.write_text(text)
-    for read in (restore.saved_config, functools.partial(train_lib.check_workdir_compatible, config)):
+    for read in (trained_run.saved_config, functools.partial(train_lib.check_workdir_compatible, config)):
       with pytest.raises(UserError, match=re.escape(message)) as error:
         read(str(tmp_path))
       assert str(error.value).startswith(str(path)) and '\n' not in str(error.value)

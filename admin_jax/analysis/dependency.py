@@ -27,7 +27,7 @@ from tqdm import tqdm
 from admin_jax import cli
 from admin_jax import files
 from admin_jax import plots
-from admin_jax import restore
+from admin_jax import trained_run
 from admin_jax import train_step
 from admin_jax.analysis import command
 from admin_jax.analysis import probe
@@ -99,7 +99,7 @@ def run(models: Mapping[str, Transformer], batch: Mapping[str, np.ndarray], out:
 
 def trained_and_initial(workdir: str, seed: int) -> tuple[dict[str, Transformer], dict[str, np.ndarray]]:
   """The workdir's latest checkpoint beside the same architecture freshly initialised (spec 7.2's pair)."""
-  inference = restore.load_for_inference(workdir)
+  inference = trained_run.load_for_inference(workdir)
   trained = train_step.model_from(inference.setup, inference.params)
   cfg = probe.probe_config(trained.cfg)
   batch = command.batch(cfg)
