@@ -6,9 +6,8 @@
 #   bash benchmarks/gpu_bench.sh base6 'base6 --prng_impl=rbg' 'base6 --trace_dir=/tmp/trace'
 #   STEPS=30 XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true bash benchmarks/gpu_bench.sh big18
 #
-# With the device tool: run(command='bash benchmarks/gpu_bench.sh ...', carry=['.whl'], timeout_s=...).
-# The CUDA image has jax, flax, optax, absl and tqdm but not ml_collections: carry it as a wheel in
-# .whl/ (docs/PERF.md says how). Each run is its own process under RUN_TIMEOUT seconds, so a run
+# Wheels in .whl/, if any, are installed into /tmp/site first (for a Python that lacks the requirements
+# and cannot reach an index). Each run is its own process under RUN_TIMEOUT seconds, so a run
 # that fails, runs out of memory or of time costs only its own line, and peak_memory_bytes (the
 # allocator's peak of the process) is that run's own. JSON lines go to stdout and, when the device
 # tool sets OUT, to $OUT/bench.jsonl; every run's stderr goes to $OUT/runs.log. A run with

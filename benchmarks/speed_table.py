@@ -37,7 +37,7 @@ SCANNED = ('--scan_layers', '--remat=dots', '--unrolled_encoder_layers=1')
 # cuBLAS GEMMs read a scanned stack's layer in place; scans of unequal lengths leave their stacks unfilled.
 SCANNED_XLA_FLAGS = '--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dus_accumulator_zero_init_elimination=true'
 # On an H200, estimates until timed: each process starts and measures its matmul peak in about 10 s;
-# compiles took 41.5 s (base6), 38.7 s (big6) and 22.8 s (big18 scanned) in call D (docs/PERF.md), and
+# compiles took 41.5 s (base6), 38.7 s (big6) and 22.8 s (big18 scanned) on an H200 (docs/PERF.md), and
 # unrolled big18 compiles 2.4x big6's time deviceless, about 90 s; 13 steps take under 5 s; the
 # profiling pass and the two decodes about 70 s: about 320 s in all. The longest compile runs last, so a
 # command cut at 5 minutes loses the least, and `--runs=big18_unrolled` runs it alone.

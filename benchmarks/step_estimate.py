@@ -1,12 +1,12 @@
-"""A planned train step's time on an H200, priced part by part at the rates call D's trace measured.
+"""A planned train step's time on an H200, priced part by part at the rates a measured trace ran at.
 
 `python -m admin_jax.compile --config=... --target=h200 --dump_dir=DIR` writes what XLA would run on
 the card (DIR/train_step.hlo.txt; benchmarks/traffic.py estimates the bytes each op moves), but no time:
 that needs the card. This prices each part
-of such a plan at the rate the same kind of work ran at in call D's trace of big6 on an H200
-(docs/PERF.md, "Tenth session"): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
+of such a plan at the rate the same kind of work ran at in the measured trace of big6 on an H200
+(docs/PERF.md): the matmuls' FLOPs at the GEMMs' rate, the flash kernels at the
 sweep's time per layer, the Pallas LayerNorm kernels' and XLA's fusions' bytes at the bandwidths
-they reached, and the idle gaps between kernels per layer. Priced so, call D's own base6 and
+they reached, and the idle gaps between kernels per layer. Priced so, the measured base6 and
 scanned big18 plans come within 0.5% and 4.1% of their measured steps. The rates hold for plans with
 flash attention and the Pallas LayerNorm, at the presets' attention shapes (2048 sequence-head
 pairs of 256 x 256 per call), which is all this prices.
@@ -33,7 +33,7 @@ GAP_S_PER_LAYER = 3.7e-3 / 6  # device idle time per encoder-decoder layer pair
 _PRESETS = ('base6', 'big6', 'big18')  # the attention shape the flash time was measured at
 _FLASH_MS = flags.DEFINE_float(
     'flash_ms_per_layer', 2.77, "One encoder-decoder layer pair's attention kernels, forward and backward (two "
-    "unmasked calls, one causal): call E's sweep with 3 pipeline stages, the default; call D's kernels took 3.17.")
+    "unmasked calls, one causal): the H200 sweep with 3 pipeline stages, the default; with 2 stages they took 3.17.")
 
 
 def _part(row: dict[str, str]) -> str:

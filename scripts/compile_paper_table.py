@@ -1,6 +1,6 @@
 """Compiles every row of docs/PAPER.md "Reproducing the paper" for the hardware it names; rewrites the rows' last cell.
 
-    python scripts/compile_readme_table.py [--plans=workdirs/compile_plans] [--only=v4-8,...] [--table_only]
+    python scripts/compile_paper_table.py [--plans=workdirs/compile_plans] [--only=v4-8,...] [--table_only]
 
 Each row's recipe (residual `admin`: its train step and profiling pass) goes through `python -m
 admin_jax.compile` for its TPU slice and its GPUs, one compile at a time: a deep model takes
