@@ -6,7 +6,8 @@
 Every run is `python -m admin_jax.train --config=configs/multi30k.py:LAYERS,RESIDUAL` with the same
 recipe, seed and number of updates; only the depth and `model.residual` change. Each run is then
 scored on test_2016_flickr with the config's beam (4): sacreBLEU, and tokenized BLEU (case-sensitive,
-both sides Moses-tokenized with aggressive hyphen splitting, as the paper's tables; spec section 6).
+both sides Moses-tokenized with aggressive hyphen splitting, as the paper's tables), both from the run's own
+test pass (admin_jax/score.py).
 `--config.KEY=VALUE` flags go to every run (say `--config.model.attention_impl=flash`).
 
 OUT/results.jsonl gets one JSON line per run as the run ends, and OUT/results.md (the table) and
@@ -27,7 +28,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -37,10 +37,7 @@ import sys
 import threading
 import time
 
-from admin_jax import bleu
-from admin_jax import cli
 from admin_jax import metrics
-from admin_jax.data import corpora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSONL, RESULTS_MD, CURVES_PNG = 'results.jsonl', 'results.md', 'curves.png'
@@ -129,27 +126,6 @@ def diverged_at(losses: list[tuple[int, float]]) -> int | None:
   return None
 
 
-def tokenized_bleu(hypotheses: list[str], references: list[str], lang: str) -> float:
-  """Case-sensitive BLEU of Moses-tokenized text (`-a`: hyphens split as @-@), sacreBLEU tokenize='none'."""
-  from sacremoses import MosesTokenizer  # pylint: disable=g-import-not-at-top
-  moses = MosesTokenizer(lang=lang)
-
-  def tokenize(text: str) -> str:
-    return moses.tokenize(text, aggressive_dash_splits=True, return_str=True, escape=False)
-
-  stats = bleu.bleu_stats([tokenize(h) for h in hypotheses], [tokenize(r) for r in references], tokenize='none')
-  return bleu.bleu_from_stats(stats)
-
-
-def tokenized_scores(workdir: str) -> dict:
-  """Tokenized BLEU of the run's test translations (DIR/eval/test.hyp) against its test references."""
-  config = cli.read_config(workdir)
-  hypotheses = corpora.read_lines(os.path.join(workdir, 'eval', 'test.hyp'))
-  references = [target for _, target in corpora.load_pairs(config, 'test')]
-  return {'test_tokenized_bleu': tokenized_bleu(hypotheses, references, config.data.tgt_lang),
-          'tokenized_bleu_signature': f'moses -a|case:mixed|tok:none|version:{importlib.metadata.version("sacrebleu")}'}
-
-
 def summarize(layers: int, residual: str, workdir: str, result: subprocess.CompletedProcess | None,
               seconds: float) -> dict:
   """The JSON line of one run from its metrics.jsonl and exit; `result` None: it ran past its time limit."""
@@ -167,7 +143,9 @@ def summarize(layers: int, residual: str, workdir: str, result: subprocess.Compl
   record = {
       'run': run_name(layers, residual), 'layers': layers, 'residual': residual, 'status': status,
       'test_bleu': scores.get('test_bleu'), 'test_bleu_signature': scores.get('test_bleu_signature'),
-      'test_tokenized_bleu': None, 'last_step': losses[-1][0] if losses else None,
+      # train's test pass scores both (admin_jax/score.py): sacreBLEU and the paper's tokenized BLEU.
+      'test_tokenized_bleu': scores.get('test_tokenized_bleu'),
+      'tokenized_bleu_signature': scores.get('test_tokenized_bleu_signature'), 'last_step': losses[-1][0] if losses else None,
       'final_loss': losses[-1][1] if losses else None, 'diverged_step': diverged_at(losses),
       'first_skipped_step': skipped, 'stalled_since': stalled_since(losses) if losses else None,
       'compile_seconds': next((r['compile_seconds'] for r in records if 'compile_seconds' in r), None),
@@ -175,8 +153,6 @@ def summarize(layers: int, residual: str, workdir: str, result: subprocess.Compl
   }
   if status == 'diverged' and record['diverged_step'] is None:
     record['diverged_step'] = record['last_step']  # stopped by the NaN guard between two log steps
-  if scores:
-    record.update(tokenized_scores(workdir))
   if status == 'failed':
     record['error'] = '\n'.join(result.stderr.strip().splitlines()[-ERROR_LINES:])
   return record
@@ -259,8 +235,6 @@ def main(argv: list[str]) -> None:
   data = os.path.abspath(args.data)
   if scale.reads_corpus:
     check_corpus(data)
-  if importlib.util.find_spec('sacremoses') is None:
-    sys.exit('error: tokenized BLEU needs sacremoses (pip install sacremoses==0.2.0)')
   os.makedirs(args.out, exist_ok=True)
   workdirs = args.workdirs or os.path.join(args.out, 'runs')
   steps = args.steps or scale.steps

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
+from admin_jax import score
 from conftest import finish
 from conftest import python
 from conftest import spawn
@@ -97,7 +98,8 @@ def test_tokenized_bleu_splits_hyphens_as_moses_does():
   hypothesis, reference = 'Ein gut-gelaunter Mann steht vor dem Haus.', 'Ein gut-aussehender Mann steht vor dem Haus.'
   by_hand = BLEU(tokenize='none').corpus_score(['Ein gut @-@ gelaunter Mann steht vor dem Haus .'],
                                                [['Ein gut @-@ aussehender Mann steht vor dem Haus .']]).score
-  assert depth_experiment.tokenized_bleu([hypothesis], [reference], 'de') == pytest.approx(by_hand, abs=1e-9)
+  scores = score.corpus_scores([hypothesis], [reference], tgt_lang='de', lowercase=False, pretokenized=False)
+  assert scores['tokenized_bleu'] == pytest.approx(by_hand, abs=1e-9)
   assert by_hand != pytest.approx(BLEU(tokenize='13a').corpus_score([hypothesis], [[reference]]).score, abs=1)
 
 
