@@ -37,11 +37,11 @@ OUT = flags.DEFINE_string('out', None, 'Directory a job writes besides a workdir
 
 CHOICES = {
     'model.residual': RESIDUALS,
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.stream_dtype': ('float32', 'bfloat16'),  # model.dtype=float16 keeps one of these streams
-    'model.remat': ('none', 'full', 'dots'),
-    'model.attention_impl': ('xla', 'cudnn', 'flash'),
-    'model.layer_norm_impl': ('xla', 'pallas'),
+    'perf.dtype': ('float32', 'bfloat16', 'float16'),
+    'perf.stream_dtype': ('float32', 'bfloat16'),  # perf.dtype=float16 keeps one of these streams
+    'perf.remat': ('none', 'full', 'dots'),
+    'perf.attention_impl': ('xla', 'cudnn', 'flash'),
+    'perf.layer_norm_impl': ('xla', 'pallas'),
     'data.source': ('synthetic', 'text', 'tfds'),
     'data.spm_model_type': ('bpe', 'unigram'),
     'train.optimizer': ('radam', 'adam', 'adamw'),
@@ -52,10 +52,13 @@ POSITIVE = ('model.num_encoder_layers', 'model.num_decoder_layers', 'model.d_mod
             'model.num_heads', 'data.vocab_size', 'data.max_len', 'data.tokens_per_batch', 'data.eval_batch_size',
             'train.num_steps', 'train.lr', 'train.eps', 'train.grad_accum', 'train.max_bad_steps', 'checkpoint.keep',
             'eval.beam_size', 'train.loss_scale_window', 'train.loss_scale_threshold')
-NON_NEGATIVE = ('model.unrolled_encoder_layers', 'model.unrolled_decoder_layers', 'data.shards',
+NON_NEGATIVE = ('perf.unrolled_encoder_layers', 'perf.unrolled_decoder_layers', 'data.shards',
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
                 'train.loss_chunk_tokens', 'train.trace_steps', 'train.trace_first_step', 'eval.max_sentences',
                 'admin.profile_tokens', 'train.num_epochs', 'checkpoint.every_epochs')
+# Keys that have moved since a config.json could hold them: how the model is computed left `model` for `perf`.
+# Old workdirs read with them in their new place; an override of an old name is told the new one.
+MOVED = {f'model.{key}': f'perf.{key}' for key in default.get_config().perf}
 FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
              'train.b1', 'train.b2')  # in [0, 1)
 
@@ -113,7 +116,7 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str
   known = _flat_keys(config)
   for key, value in overrides:
     if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
+      close = [MOVED[key]] if key in MOVED else difflib.get_close_matches(key, known, n=1)
       hint = f' (did you mean "{close[0]}"?)' if close else ''
       raise UserError(f"unknown config key '{key}'{hint}")
     wanted = type(known[key])
@@ -177,13 +180,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.d_model % config.model.num_heads:
     raise UserError(f'config model.d_model={config.model.d_model} is not divisible by '
                     f'model.num_heads={config.model.num_heads}')
-  if config.model.attention_impl == 'cudnn' and config.model.attention_dropout:
-    raise UserError("config model.attention_impl='cudnn' needs model.attention_dropout=0 "
+  if config.perf.attention_impl == 'cudnn' and config.model.attention_dropout:
+    raise UserError("config perf.attention_impl='cudnn' needs model.attention_dropout=0 "
                     '(jax.nn.dot_product_attention has no dropout)')
   for key in ('unrolled_encoder_layers', 'unrolled_decoder_layers'):
-    if config.model[key] and not config.model.scan_layers:
-      raise UserError(f'config model.{key} counts the layers run before a scan: it needs '
-                      'model.scan_layers=True (without it every layer is unrolled)')
+    if config.perf[key] and not config.perf.scan_layers:
+      raise UserError(f'config perf.{key} counts the layers run before a scan: it needs '
+                      'perf.scan_layers=True (without it every layer is unrolled)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
   profile_tokens = config.admin.profile_tokens
@@ -191,8 +194,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config admin.profile_tokens={config.admin.profile_tokens} must be 0 (the whole batch) or '
                     f'between data.max_len={config.data.max_len} (one packed row) and '
                     f'data.tokens_per_batch={config.data.tokens_per_batch}')
-  if config.model.layer_norm_impl == 'pallas' and config.model.d_model & (config.model.d_model - 1):
-    raise UserError(f"config model.layer_norm_impl='pallas' needs a power-of-two model.d_model "
+  if config.perf.layer_norm_impl == 'pallas' and config.model.d_model & (config.model.d_model - 1):
+    raise UserError(f"config perf.layer_norm_impl='pallas' needs a power-of-two model.d_model "
                     f'(a Triton block), got {config.model.d_model}')
 
 
@@ -219,7 +222,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config a run wrote to DIR/config.json (None where there is none), over this version's
   defaults: a key added since the run takes its default, which is what the run did before the key
-  existed. A damaged file, or keys this version does not know, are refused in one line."""
+  existed, and a key that moved since is read in its new place. A damaged file, or keys this
+  version does not know, are refused in one line."""
   path = epath.Path(workdir) / CONFIG_JSON
   if not path.exists():
     return None
@@ -229,6 +233,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
     raise UserError(f'{path} is damaged: {error}') from None
   if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
     raise UserError(f'{path} is damaged: not a config of sections of keys')
+  _move_keys(saved)
   config = default.get_config()
   unknown = [f'{name}.{key}' for name, section in saved.items() for key in section
              if name not in config or key not in config[name]]
@@ -240,6 +245,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   except TypeError as error:
     raise UserError(f'{path}: {_first_line(error)}') from None
   return config
+
+
+def _move_keys(saved: dict) -> None:
+  """Puts the keys of a config.json that MOVED since it was written in their place today."""
+  for old, new in MOVED.items():
+    (old_section, old_key), (new_section, new_key) = old.split('.'), new.split('.')
+    if old_key in saved.get(old_section, {}):
+      saved.setdefault(new_section, {})[new_key] = saved[old_section].pop(old_key)
 
 
 def quiet_logging() -> None:

@@ -142,8 +142,8 @@ def _needed_bytes(compiled: jax.stages.Compiled) -> int:
 def _ways_to_lower(config: ml_collections.ConfigDict, target: targets.Target) -> str:
   """The settings that lower memory per chip that this config does not use yet."""
   ways = ['fewer data.tokens_per_batch with more train.grad_accum (the same tokens per update)']
-  if config.model.remat != 'full':
-    ways.append('model.remat=full' if config.model.remat == 'dots' else 'model.remat=dots or full')
+  if config.perf.remat != 'full':
+    ways.append('perf.remat=full' if config.perf.remat == 'dots' else 'perf.remat=dots or full')
   if config.mesh.fsdp == 1 and target.chips > 1:
     ways.append('mesh.fsdp>1 (parameters and optimizer state split over chips)')
   if not config.train.loss_chunk_tokens:
@@ -174,7 +174,7 @@ def plan(config: ml_collections.ConfigDict, target: targets.Target, devices: lis
   if (layers := model_cfg.num_encoder_layers + model_cfg.num_decoder_layers) > SLOW_UNROLLED_LAYERS and not \
       model_cfg.scan_layers:
     print(f'note: {layers} unrolled layers take long to compile (18L-18L: 20 minutes and 18 GB of host memory on a '
-          '2-core host); --config.model.scan_layers=true compiles in minutes', file=sys.stderr, flush=True)
+          '2-core host); --config.perf.scan_layers=true compiles in minutes', file=sys.stderr, flush=True)
   tx, schedule = optim.make_optimizer(config.train)
   setup, abstract_state = train_step_lib.abstract_train_state(model_cfg, tx, schedule, mesh, config.train.seed,
                                                               config.train.prng_impl)
@@ -253,7 +253,7 @@ def main(argv):
     target = targets.resolve(_TARGET.value)
   except ValueError as error:
     raise UserError(str(error)) from None
-  targets.refuse_gpu_kernels(config.model, target.platform, target.name)
+  targets.refuse_gpu_kernels(config.perf, target.platform, target.name)
   check_micro_batch(config, target)
   devices = deviceless.compile_only_devices(target)  # before anything starts JAX's backends
   try:

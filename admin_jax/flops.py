@@ -10,20 +10,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from admin_jax import targets
 from admin_jax.model import TransformerConfig
-
-# Dense bf16 peak per device, TFLOP/s, from vendor data sheets (no sparsity).
-PEAK_TFLOPS = {
-    'H100': 989.0,
-    'H200': 989.0,
-    'A100': 312.0,
-    'TPU v4': 275.0,
-    'TPU v5 lite': 197.0,
-    'TPU v5e': 197.0,
-    'TPU v5p': 459.0,
-    'TPU v6 lite': 918.0,
-    'TPU v6e': 918.0,
-}
 
 
 def attention_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
@@ -55,12 +43,9 @@ def training_flops(cfg: TransformerConfig, batch: int, src_len: int, tgt_len: in
 
 
 def datasheet_peak(device: jax.Device | None = None) -> tuple[str, float] | None:
-  """(chip name, dense bf16 TFLOP/s) from the vendor's data sheet, or None for an unknown chip."""
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  for name, peak in PEAK_TFLOPS.items():
-    if name.lower() in kind:
-      return name, peak
-  return None
+  """(device kind, dense bf16 TFLOP/s) from the data sheet targets.py cites, or None for a chip it lacks."""
+  chip = targets.chip_of_kind((device or jax.devices()[0]).device_kind)
+  return (chip.device_kind, chip.peak_tflops) if chip else None
 
 
 def device_peak_tflops(device: jax.Device | None = None) -> tuple[float, str]:

@@ -66,6 +66,11 @@ GPU_CHIPS = {
 }
 GPUS_PER_HOST = 8
 
+def chip_of_kind(device_kind: str) -> Chip | None:
+  """The chip a jax.Device.device_kind names, or None for one this table lacks."""
+  return next((chip for chip in (*TPU_CHIPS.values(), *GPU_CHIPS.values()) if chip.device_kind == device_kind), None)
+
+
 # Kernels written for GPUs (Triton through Pallas, cuDNN), by config key: a TPU runs XLA's ops instead.
 GPU_ONLY_KERNELS = {'attention_impl': ('flash', 'cudnn'), 'layer_norm_impl': ('pallas',)}
 
@@ -112,11 +117,11 @@ def resolve(name: str) -> Target:
                    'optionally -N)')
 
 
-def refuse_gpu_kernels(model: ml_collections.ConfigDict, platform: str, where: str) -> None:
+def refuse_gpu_kernels(perf: ml_collections.ConfigDict, platform: str, where: str) -> None:
   """GPU-only kernels on a TPU would run in Pallas' interpreter, far slower: refused, naming them."""
   if platform != 'tpu':
     return
-  chosen = [f'model.{key}={model[key]!r}' for key, kernels in GPU_ONLY_KERNELS.items() if model[key] in kernels]
+  chosen = [f'perf.{key}={perf[key]!r}' for key, kernels in GPU_ONLY_KERNELS.items() if perf[key] in kernels]
   if chosen:
     raise UserError(f'{" and ".join(chosen)} {"is a GPU kernel" if len(chosen) == 1 else "are GPU kernels"}, '
                     f'not for {where}: use the default xla on a TPU')

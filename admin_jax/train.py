@@ -45,24 +45,24 @@ class StopSignal:
     self.received = signal.Signals(signum).name
 
 
-# Model keys that change how the parameters are computed, not what they are: a resume may change them.
-_COMPUTE_ONLY_MODEL_KEYS = frozenset({'dropout', 'attention_dropout', 'activation_dropout', 'remat', 'dtype',
-                                      'stream_dtype', 'scan_layers', 'unrolled_encoder_layers',
-                                      'unrolled_decoder_layers', 'attention_impl', 'layer_norm_impl'})
-# Other keys a resume must keep: the vocabulary, the languages and the PRNG of the saved dropout key.
+# Keys besides model.* that a resume must keep: the vocabulary, the languages and the PRNG of the saved dropout key.
 _FIXED_KEYS = (('data', 'vocab_size'), ('data', 'src_lang'), ('data', 'tgt_lang'), ('train', 'prng_impl'))
 
 
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir whose saved config describes a different model, naming the keys."""
+  """Refuses a workdir whose saved config describes a different model, naming the keys.
+
+  model.* is what the checkpoints hold and train, so a resume keeps it; perf.* is how it is computed,
+  which a resume may change, save a switch into or out of float16 (whose state holds a loss scale).
+  """
   saved = cli.read_config(workdir)
   if saved is None:
     return
-  keys = [('model', k) for k in config.model if k not in _COMPUTE_ONLY_MODEL_KEYS] + list(_FIXED_KEYS)
+  keys = [('model', key) for key in config.model] + list(_FIXED_KEYS)
   differing = [f'{section}.{key} ({saved[section][key]!r} -> {config[section][key]!r})'
                for section, key in keys if saved[section][key] != config[section][key]]
-  if (saved.model.dtype == 'float16') != (config.model.dtype == 'float16'):  # the state holds a loss scale or not
-    differing.append(f'model.dtype ({saved.model.dtype!r} -> {config.model.dtype!r})')
+  if (saved.perf.dtype == 'float16') != (config.perf.dtype == 'float16'):  # the state holds a loss scale or not
+    differing.append(f'perf.dtype ({saved.perf.dtype!r} -> {config.perf.dtype!r})')
   if differing:
     raise UserError(f'workdir {workdir} was created with a different config: {", ".join(differing)}; '
                     'use a new --workdir')
@@ -148,7 +148,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tokenizer = tokenizer_lib.load_or_train_tokenizer(config, workdir)
   model_cfg = TransformerConfig.from_config(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
-  targets.refuse_gpu_kernels(config.model, jax.devices()[0].platform, jax.devices()[0].device_kind)
+  targets.refuse_gpu_kernels(config.perf, jax.devices()[0].platform, jax.devices()[0].device_kind)
   tx, schedule = optim.make_optimizer(config.train)
   setup, state = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, config.train.seed,
                                                    config.train.prng_impl)

@@ -25,7 +25,7 @@ LOSS_SCALE_INIT = 128.0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LossScale:
-  """fairseq's dynamic loss scale, for model.dtype='float16' (DynamicLossScaler, tolerance 0).
+  """fairseq's dynamic loss scale, for perf.dtype='float16' (DynamicLossScaler, tolerance 0).
 
   The summed loss is multiplied by `scale` before the backward pass so that small float16
   gradients do not flush to zero. A step whose gradient overflows halves the scale; after

@@ -1,4 +1,4 @@
-"""Times the flash attention kernels' Triton tilings at the benchmark presets' attention shapes.
+"""Times the flash attention kernels' Triton tilings at the attention shapes of configs/bench/.
 
 base6 (256 sequences x 8 heads) and big6/big18 (128 x 16) give the kernels the same problem: 2048
 (sequence, head) pairs of 256 queries and keys with head_dim 64, the paper's attention dropout 0.1.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Admin training benchmark on one GPU, all in one device call, from the repository root.
-# Each argument is one run: a preset and `admin_jax.bench` flags; no argument runs the three presets.
+# Each argument is one run: a config of configs/bench/ by name, then `admin_jax.bench` flags and config
+# overrides; no argument runs base6, big6 and big18.
 #
 #   bash benchmarks/gpu_bench.sh                                   # base6, big6, big18
-#   bash benchmarks/gpu_bench.sh base6 'base6 --prng_impl=rbg' 'base6 --trace_dir=/tmp/trace'
+#   bash benchmarks/gpu_bench.sh base6 'base6 --config.train.prng_impl=rbg' 'base6 --trace_dir=/tmp/trace'
 #   STEPS=30 XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true bash benchmarks/gpu_bench.sh big18
 #
 # Wheels in .whl/, if any, are installed into /tmp/site first (for a Python that lacks the requirements
@@ -40,10 +41,10 @@ number=0
 for spec in "$@"; do
   number=$((number + 1))
   read -r -a words <<<"$spec"
-  preset=${words[0]}
+  config=configs/bench/${words[0]}.py
   echo "=== run $number: $spec" >>"$LOGS/runs.log"
   start=$SECONDS
-  timeout "$RUN_TIMEOUT" python3 -m admin_jax.bench --preset="$preset" --steps="$STEPS" "${words[@]:1}" \
+  timeout "$RUN_TIMEOUT" python3 -m admin_jax.bench --config="$config" --steps="$STEPS" "${words[@]:1}" \
     2>>"$LOGS/runs.log" | tee -a "$LOGS/bench.jsonl"
   status=${PIPESTATUS[0]}
   if [ "$status" -ne 0 ]; then

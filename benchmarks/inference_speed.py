@@ -82,8 +82,8 @@ def main(argv):
   run = train.start_run(config, workdir)
   model = config.model
   record = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'layers': model.num_encoder_layers,
-            'd_model': model.d_model, 'residual': model.residual, 'dtype': model.dtype,
-            'attention_impl': model.attention_impl, 'layer_norm_impl': model.layer_norm_impl,
+            'd_model': model.d_model, 'residual': model.residual, 'dtype': config.perf.dtype,
+            'attention_impl': config.perf.attention_impl, 'layer_norm_impl': config.perf.layer_norm_impl,
             **time_profiling_pass(run, config.admin.mask_padding), **time_decoding(run, config)}
   print(json.dumps(record), flush=True)
 

@@ -1,4 +1,4 @@
-"""Times the residual LayerNorm kernels' Triton tilings at the benchmark presets' shapes.
+"""Times the residual LayerNorm kernels' Triton tilings at the shapes of configs/bench/.
 
 One call is one sublayer's residual LayerNorm of a step: LN(omega * x + dropout(branch + bias)) over
 [rows, d_model] (big6 and big18: 32,768 rows of 1024; base6: 65,536 of 512), float32 stream (or
@@ -32,7 +32,7 @@ _TILINGS = flags.DEFINE_multi_string('tiling', list(TILINGS), ','.join(_FIELDS) 
 _ROWS = flags.DEFINE_integer('rows', 32768, 'Tokens per call (rows of the residual stream).')
 _D_MODEL = flags.DEFINE_integer('d_model', 1024, 'Width of the residual stream.')
 _STREAM_DTYPE = flags.DEFINE_enum('stream_dtype', 'float32', ['float32', 'bfloat16'],
-                                   'dtype of the residual stream x and its gradient (model.stream_dtype).')
+                                   'dtype of the residual stream x and its gradient (perf.stream_dtype).')
 _CALLS = flags.DEFINE_integer('calls', 20, 'Calls per timed sample (five samples, the median reported).')
 
 

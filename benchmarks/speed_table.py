@@ -3,7 +3,7 @@
     python -m benchmarks.speed_table --out=DIR [--steps=10] [--run_timeout=SECONDS] [--stream_dtype=bfloat16]
         [--data=../shared/data/multi30k] [--runs=base6,big6,...] [--smoke]
 
-Runs `admin_jax.bench` on base6, big6, big18 scanned and big18 unrolled with the fastest settings the
+Runs `admin_jax.bench` on configs/bench/ base6, big6, big18 scanned and big18 unrolled with the fastest settings the
 project recommends for the card (README "Jobs", docs/PERF.md): the Pallas flash attention and residual
 LayerNorm, rbg dropout keys, the residual stream in `--stream_dtype`; the scanned big18 with remat
 dots, its first encoder layer unrolled and the XLA flags that suit that form. Then
@@ -15,7 +15,7 @@ in the same process, compile seconds and peak memory.
 Each run's JSON line is appended to OUT/speed.jsonl as it ends, with `run`, `command` and
 `wall_seconds` (a run that fails or runs out of time is a line with `error`), and OUT/speed.md (the
 table) is rewritten, so a cut command keeps what finished; every run's stderr goes to OUT/runs.log.
-`--smoke` runs the same runs on the CPU at their smallest: the tiny preset without the GPU kernels and
+`--smoke` runs the same runs on the CPU at their smallest: configs/bench/tiny.py without the GPU kernels and
 XLA's GPU flags, and a tiny model on the synthetic corpus.
 """
 
@@ -32,8 +32,8 @@ from scripts import depth_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEED_JSONL, SPEED_MD, RUNS_LOG = 'speed.jsonl', 'speed.md', 'runs.log'
-GPU_KERNELS = ('--attention_impl=flash', '--layer_norm_impl=pallas')  # interpreted, hence slow, on a CPU
-SCANNED = ('--scan_layers', '--remat=dots', '--unrolled_encoder_layers=1')
+GPU_KERNELS = ('--config.perf.attention_impl=flash', '--config.perf.layer_norm_impl=pallas')  # interpreted on CPUs
+SCANNED = ('--config.perf.scan_layers=true', '--config.perf.remat=dots', '--config.perf.unrolled_encoder_layers=1')
 # cuBLAS GEMMs read a scanned stack's layer in place; scans of unequal lengths leave their stacks unfilled.
 SCANNED_XLA_FLAGS = '--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dus_accumulator_zero_init_elimination=true'
 # On an H200, estimates until timed: each process starts and measures its matmul peak in about 10 s;
@@ -47,9 +47,10 @@ GPU_INFERENCE_CONFIG = 'configs/multi30k.py:18,admin'
 
 @dataclasses.dataclass(frozen=True)
 class BenchRun:
-  """One bench process: its name in the table, preset, flags beyond the fast settings, XLA flags."""
+  """One bench process: its name in the table, its config in configs/bench/, overrides beyond the fast
+  settings, XLA flags."""
   name: str
-  preset: str
+  config: str
   options: tuple[str, ...] = ()
   xla_flags: str = ''
 
@@ -66,9 +67,11 @@ ORDER = (*(run.name for run in RUNS[:-1]), DECODE, RUNS[-1].name)
 
 def bench_command(run: BenchRun, args: argparse.Namespace) -> tuple[list[str], str]:
   """(command, extra XLA flags) of one bench process."""
-  fast = ('--prng_impl=rbg', f'--stream_dtype={args.stream_dtype}', *(() if args.smoke else GPU_KERNELS))
-  command = [sys.executable, '-m', 'admin_jax.bench', f'--preset={"tiny" if args.smoke else run.preset}',
-             f'--steps={args.steps}', *fast, *run.options]
+  fast = ('--config.train.prng_impl=rbg', f'--config.perf.stream_dtype={args.stream_dtype}',
+          *(() if args.smoke else GPU_KERNELS))
+  config = 'tiny' if args.smoke else run.config
+  command = [sys.executable, '-m', 'admin_jax.bench', f'--config=configs/bench/{config}.py', f'--steps={args.steps}',
+             *fast, *run.options]
   return command, '' if args.smoke else run.xla_flags
 
 
@@ -77,10 +80,10 @@ def inference_command(args: argparse.Namespace, workdir: str) -> list[str]:
     config, overrides = 'configs/multi30k.py:2,admin', depth_experiment.SCALES['smoke'].overrides
   else:
     config = GPU_INFERENCE_CONFIG
-    overrides = (*depth_experiment.corpus_overrides(args.data), '--config.model.attention_impl=flash',
-                 '--config.model.layer_norm_impl=pallas')
+    overrides = (*depth_experiment.corpus_overrides(args.data), '--config.perf.attention_impl=flash',
+                 '--config.perf.layer_norm_impl=pallas')
   return [sys.executable, '-m', 'benchmarks.inference_speed', f'--config={config}', f'--workdir={workdir}',
-          f'--config.model.stream_dtype={args.stream_dtype}', *overrides]
+          f'--config.perf.stream_dtype={args.stream_dtype}', *overrides]
 
 
 def run_process(name: str, command: list[str], xla_flags: str, args: argparse.Namespace) -> dict:
@@ -113,13 +116,13 @@ def run_process(name: str, command: list[str], xla_flags: str, args: argparse.Na
 
 def write_table(out: str, records: list[dict]) -> None:
   """OUT/speed.md: the bench rows, then the profiling pass and the decode."""
-  lines = ['| run | preset | device | tokens/s | step ms | MFU (matmul peak TFLOP/s) | compile s | peak memory GiB | '
+  lines = ['| run | config | device | tokens/s | step ms | MFU (matmul peak TFLOP/s) | compile s | peak memory GiB | '
            'jax |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in records:
     if 'error' in r:
       lines.append(f'| {r["run"]} | {r["error"]} | | | | | | | |')
     elif 'tokens_per_sec' in r:
-      lines.append(f'| {r["run"]} | {r["preset"]} | {r["device"]} | {r["tokens_per_sec"] / 1e3:.1f}k | '
+      lines.append(f'| {r["run"]} | {r["config"]} | {r["device"]} | {r["tokens_per_sec"] / 1e3:.1f}k | '
                    f'{r["step_ms"]:.1f} | {r["mfu"]:.3f} ({r["matmul_peak_tflops"]:.3g}) | '
                    f'{r["compile_seconds"]:.1f} | '
                    f'{r["peak_memory_bytes"] / 2 ** 30:.2f} | {r["jax"]} |')

@@ -12,6 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'this config takes no argument, got {arg!r}')
   config = ml_collections.ConfigDict()
 
+  # What the model is: its parameters' shapes, the residual that wires them, and its dropout. A resume keeps it.
   config.model = model = ml_collections.ConfigDict()
   model.residual = 'admin'  # one of admin_jax.model.residual.RESIDUALS
   model.num_encoder_layers = 6
@@ -23,29 +24,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.attention_dropout = 0.1
   model.activation_dropout = 0.1  # after the ReLU of the FFN
   model.share_embeddings = True
-  model.dtype = 'bfloat16'  # compute dtype (and logits, as fairseq fp16); params, softmax, LayerNorm, omega, loss: f32
+
+  # How the model is computed: the checkpoints are the same whatever these are, and a resume may change
+  # them. docs/PERF.md measures each.
+  config.perf = perf = ml_collections.ConfigDict()
+  # The compute dtype (and the logits', as fairseq fp16): float32 | bfloat16 | float16 (with a loss scale in the
+  # train state, which a resume cannot add or drop). Parameters, softmax, LayerNorm, omega and loss stay float32.
+  perf.dtype = 'bfloat16'
   # The residual stream x_k between sublayers (LayerNorm outputs and the shortcut) and its gradient:
   # float32 | bfloat16. float32 is what autocast keeps; bfloat16, as fairseq's fp16 recipes keep it in
   # fp16, halves the bytes every residual LayerNorm moves (docs/PERF.md). Statistics stay float32.
-  model.stream_dtype = 'float32'
+  perf.stream_dtype = 'float32'
   # Unrolled layers trained base6 at 1.38x the tokens/s of one lax.scan per stack on an H200
   # (docs/PERF.md) and use less memory; a scan compiles in about half the time, flat in depth.
-  # Checkpoints are the same either way.
-  model.scan_layers = False
+  perf.scan_layers = False
   # With scan_layers: the first layers of each stack run unrolled before its scan, each faster than a
   # scanned layer and adding an unrolled layer's compile time. Scans of unequal lengths on the two sides
   # (say one encoder layer unrolled) also let XLA leave their stacks unfilled on GPUs, with
   # XLA_FLAGS=--xla_gpu_enable_dus_accumulator_zero_init_elimination=true (docs/PERF.md, "Levers").
-  model.unrolled_encoder_layers = 0
-  model.unrolled_decoder_layers = 0
-  model.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
+  perf.unrolled_encoder_layers = 0
+  perf.unrolled_decoder_layers = 0
+  perf.remat = 'none'  # none | full | dots (save matmul and flash attention outputs, recompute the rest)
   # xla | cudnn (cuDNN flash attention on GPUs, needs attention_dropout=0) | flash (Pallas flash attention
   # with attention dropout; GPU kernel, interpreted, hence slow, elsewhere). On an H200, flash with the
   # Pallas LayerNorm below trained base6 at 1.22x the tokens/s of xla (docs/PERF.md).
-  model.attention_impl = 'xla'
+  perf.attention_impl = 'xla'
   # xla | pallas: the Post-LN/Admin residual LayerNorm as one Pallas kernel each way (Triton on GPUs,
   # interpreted, hence slow, elsewhere), which reads the float32 residual stream fewer times.
-  model.layer_norm_impl = 'xla'
+  perf.layer_norm_impl = 'xla'
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'tfds'  # synthetic | text | tfds
@@ -95,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.prng_impl = 'threefry2x32'  # the dropout keys: threefry2x32 | rbg | unsafe_rbg (masks are hashed from them)
   train.log_every_steps = 100
   train.max_bad_steps = 20  # consecutive non-finite steps before the run stops
-  # model.dtype='float16': fairseq's dynamic loss scale. A gradient overflow halves it and skips the step (not a
+  # perf.dtype='float16': fairseq's dynamic loss scale. A gradient overflow halves it and skips the step (not a
   # bad step); it doubles after this many steps without one (--fp16-scale-window); the run stops when an
   # overflow takes it below the threshold (--threshold-loss-scale).
   train.loss_scale_window = 256

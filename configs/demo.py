@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.d_model = 128
   config.model.ffn_dim = 256
   config.model.num_heads = 4
-  config.model.dtype = 'float32'  # bfloat16 matmuls are emulated, hence slow, on CPUs
+  config.perf.dtype = 'float32'  # bfloat16 matmuls are emulated, hence slow, on CPUs
 
   config.data.source = 'synthetic'
   config.data.src_lang = 'src'

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokens_per_batch = 8192 * 4
   # Deep stacks as one lax.scan each: `compile` for a TPU v4-16 takes minutes on a CPU host, where 18L unrolled
   # took 20 minutes and 18 GB of host memory; the 6L stack stays unrolled, faster per step (docs/PERF.md).
-  config.model.scan_layers = layers > 6
+  config.perf.scan_layers = layers > 6
   config.train.lr = 1e-3
   config.train.warmup_steps = 8000
   config.train.weight_decay = 0.0

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 8000 x 8 x 10.
   if layers == 60:
     config.data.tokens_per_batch, config.train.grad_accum = 192 * 256, 26
-    config.model.scan_layers = True  # compile time flat in depth: minutes on a CPU host for the 60L-12L stacks
+    config.perf.scan_layers = True  # compile time flat in depth: minutes on a CPU host for the 60L-12L stacks
   else:
     config.data.tokens_per_batch, config.train.grad_accum = 208 * 256, 12
   config.train.lr = 7e-4

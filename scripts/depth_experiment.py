@@ -8,7 +8,7 @@ recipe, seed and number of updates; only the depth and `model.residual` change. 
 scored on test_2016_flickr with the config's beam (4): sacreBLEU, and tokenized BLEU (case-sensitive,
 both sides Moses-tokenized with aggressive hyphen splitting, as the paper's tables), both from the run's own
 test pass (admin_jax/score.py).
-`--config.KEY=VALUE` flags go to every run (say `--config.model.attention_impl=flash`).
+`--config.KEY=VALUE` flags go to every run (say `--config.perf.attention_impl=flash`).
 
 OUT/results.jsonl gets one JSON line per run as the run ends, and OUT/results.md (the table) and
 OUT/curves.png (every run's training loss) are rewritten then, so a cut experiment keeps what
@@ -75,7 +75,7 @@ SCALES = {
         '--config.train.log_every_steps=50', '--config.checkpoint.every_steps=1000', '--config.eval.every_steps=0')),
     'cpu': Scale(tuple((layers, residual) for layers in (6, 18) for residual in ('post_ln', 'pre_ln', 'admin')), 300, (
         '--config.model.d_model=64', '--config.model.ffn_dim=256', '--config.model.num_heads=4',
-        '--config.model.dtype=float32', '--config.data.vocab_size=4000', '--config.data.max_len=48',
+        '--config.perf.dtype=float32', '--config.data.vocab_size=4000', '--config.data.max_len=48',
         '--config.data.tokens_per_batch=2304', '--config.train.warmup_steps=100',
         '--config.train.log_every_steps=20', '--config.checkpoint.every_steps=300', '--config.eval.every_steps=0',
         '--config.eval.beam_size=1')),
@@ -84,7 +84,7 @@ SCALES = {
         '--config.data.source=synthetic', '--config.data.synthetic_train_size=300',
         '--config.data.synthetic_eval_size=8', '--config.data.eval_batch_size=8', '--config.data.vocab_size=200',
         '--config.data.max_len=32', '--config.data.tokens_per_batch=512', '--config.model.d_model=16',
-        '--config.model.ffn_dim=32', '--config.model.num_heads=2', '--config.model.dtype=float32',
+        '--config.model.ffn_dim=32', '--config.model.num_heads=2', '--config.perf.dtype=float32',
         '--config.train.warmup_steps=2', '--config.train.log_every_steps=1', '--config.checkpoint.every_steps=4',
         '--config.eval.every_steps=0', '--config.eval.max_len_b=4'), reads_corpus=False),
 }
@@ -145,7 +145,8 @@ def summarize(layers: int, residual: str, workdir: str, result: subprocess.Compl
       'test_bleu': scores.get('test_bleu'), 'test_bleu_signature': scores.get('test_bleu_signature'),
       # train's test pass scores both (admin_jax/score.py): sacreBLEU and the paper's tokenized BLEU.
       'test_tokenized_bleu': scores.get('test_tokenized_bleu'),
-      'tokenized_bleu_signature': scores.get('test_tokenized_bleu_signature'), 'last_step': losses[-1][0] if losses else None,
+      'tokenized_bleu_signature': scores.get('test_tokenized_bleu_signature'),
+      'last_step': losses[-1][0] if losses else None,
       'final_loss': losses[-1][1] if losses else None, 'diverged_step': diverged_at(losses),
       'first_skipped_step': skipped, 'stalled_since': stalled_since(losses) if losses else None,
       'compile_seconds': next((r['compile_seconds'] for r in records if 'compile_seconds' in r), None),

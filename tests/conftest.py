@@ -12,6 +12,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 sys.path.insert(0, str(REPO))  # configs/ is imported as a package, as jobs do from the repository root
+from admin_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Tests run tiny models, where XLA's optimisation passes cost far more time than they save; the
 # numerics compared here do not depend on them (Flax's own examples test this way).
 jax.config.update('jax_disable_most_optimizations', True)
@@ -19,6 +22,16 @@ jax.config.update('jax_disable_most_optimizations', True)
 # them, and the suite is mostly compiling. XLA 0.11 no longer has the flag (and refuses unknown ones).
 if jax.__version_info__ < (0, 11):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+
+
+def model_config(vocab_size: int, **keys) -> TransformerConfig:
+  """configs/default.py's model with `keys` set, each in the section (model or perf) that holds it.
+  In float32 unless a test says otherwise: tests compare with NumPy references."""
+  config = default.get_config()
+  config.perf.dtype = 'float32'
+  for key, value in keys.items():
+    config['model' if key in config.model else 'perf'][key] = value
+  return TransformerConfig.from_config(config, vocab_size)
 
 
 def subprocess_env(devices: int | None = None) -> dict[str, str]:

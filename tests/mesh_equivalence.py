@@ -20,7 +20,7 @@ from admin_jax import optim
 from admin_jax import omega_init
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
-from admin_jax.model import TransformerConfig
+from conftest import model_config
 from conftest import packed_batch
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -34,8 +34,8 @@ def main() -> None:
   train = ml_collections.ConfigDict(dict(optimizer='adam', lr=1e-3, warmup_steps=2, warmup_init_lr=1e-7, b1=0.9,
                                          b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0, label_smoothing=0.1,
                                          loss_chunk_tokens=0))
-  model_cfg = TransformerConfig(vocab_size=64, residual='admin', num_encoder_layers=2, num_decoder_layers=2,
-                                d_model=32, ffn_dim=64, num_heads=4, dtype='float32')
+  model_cfg = model_config(64, residual='admin', num_encoder_layers=2, num_decoder_layers=2,
+                           d_model=32, ffn_dim=64, num_heads=4, dtype='float32')
   rng = np.random.default_rng(0)
   batches = [packed_batch(rng, 8, 16, 64, [[5, 11], [16], [7, 9], [3, 4, 9], [16], [12], [2, 14], [8, 8]])
              for _ in range(5)]

@@ -17,6 +17,7 @@ from admin_jax.analysis import probe
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from conftest import REPO
+from conftest import model_config
 from conftest import python
 from conftest import subprocess_env
 
@@ -30,7 +31,7 @@ SHAPE = dict(vocab_size=VOCAB, num_encoder_layers=ENCODER_LAYERS, num_decoder_la
 
 
 def config(residual: str) -> TransformerConfig:
-  return probe.probe_config(TransformerConfig(residual=residual, **SHAPE))
+  return probe.probe_config(model_config(residual=residual, **SHAPE))
 
 
 @pytest.fixture(scope='module')

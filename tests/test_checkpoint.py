@@ -35,8 +35,8 @@ from admin_jax import train_step as train_step_lib
 from admin_jax.data import pipeline
 from admin_jax.data.tokenizer import Tokenizer
 from admin_jax.errors import UserError
-from admin_jax.model import TransformerConfig
 from conftest import REPO
+from conftest import model_config
 from conftest import packed_batch
 from conftest import python
 from conftest import subprocess_env
@@ -349,8 +349,8 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive
 
 
 def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np_rng):
-  model_cfg = TransformerConfig(vocab_size=40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
-                                num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_len=16)
+  model_cfg = model_config(40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                           num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
   tx, schedule = optim.make_optimizer(TRAIN)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   setup, good = train_step_lib.create_train_state(model_cfg, tx, schedule, mesh, seed=0)
@@ -375,9 +375,9 @@ def test_non_finite_step_leaves_params_and_optimizer_unchanged_and_is_counted(np
 
 
 def test_float16_overflow_halves_the_loss_scale_and_skips_the_step_and_good_steps_double_it(np_rng):
-  model_cfg = TransformerConfig(vocab_size=40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
-                                num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_len=16,
-                                dtype='float16')
+  model_cfg = model_config(40, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                           num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                           dtype='float16')
   train = ml_collections.ConfigDict({**TRAIN.to_dict(), 'loss_scale_window': 2})
   tx, schedule = optim.make_optimizer(train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])

@@ -14,17 +14,15 @@ from admin_jax import targets
 from admin_jax.errors import UserError
 from admin_jax.model import TransformerConfig
 from configs import demo
+from configs.bench import tiny
 from conftest import REPO
 from conftest import finish
 from conftest import python
 from conftest import spawn
 from conftest import subprocess_env
 
-# The bench's `tiny` preset as a config: 2+2 layers of 64, 8 rows of 32 tokens, vocabulary 1000, float32.
-TINY = ('--config=configs/demo.py', '--config.model.num_encoder_layers=2', '--config.model.num_decoder_layers=2',
-        '--config.model.d_model=64', '--config.model.ffn_dim=128', '--config.data.max_len=32',
-        '--config.data.tokens_per_batch=256')
-TINY_PARAMS = 232064  # what `bench --preset=tiny` counted
+TINY = ('--config=configs/bench/tiny.py',)  # 2+2 layers of 64, 8 rows of 32 tokens, vocabulary 1000, float32
+TINY_PARAMS = 232064  # what `bench --config=configs/bench/tiny.py` counted
 SMALLER = ('--config.model.num_encoder_layers=1', '--config.model.num_decoder_layers=1')  # a TPU's compile is slower
 
 # The plugins, kept out of the test environment in gitignored folders (as .ci/run installs them).
@@ -71,10 +69,9 @@ def test_tiny_config_fits_a_tpu_slice(tpu_plans, name):
   assert set(record['memory_needed_bytes_by_program']) == programs
   assert record['memory_needed_bytes'] == max(record['memory_needed_bytes_by_program'].values())
   assert {f.name.removesuffix('.hlo.txt') for f in dump.iterdir()} == programs
-  config = demo.get_config()
+  config = tiny.get_config()
   config.model.num_encoder_layers = config.model.num_decoder_layers = 1
-  config.model.d_model, config.model.ffn_dim, config.data.max_len = 64, 128, 32
-  step_flops = flops.training_flops(TransformerConfig.from_config(config, 1000), 8, 32, 32)
+  step_flops = flops.training_flops(TransformerConfig.from_config(config, config.data.vocab_size), 8, 32, 32)
   assert record['flops_per_step'] == step_flops
   seconds = config.train.num_steps * step_flops / (4 * target.chip.peak_tflops * 1e12 * 0.4)
   assert record['estimated_days'] == pytest.approx(seconds / 86400)
@@ -118,18 +115,18 @@ def test_rows_split_over_every_host_of_a_slice():
 
 
 def test_gpu_only_kernels_are_refused_on_a_tpu():
-  model = demo.get_config().model
-  model.attention_impl, model.layer_norm_impl = 'flash', 'pallas'
+  perf = demo.get_config().perf
+  perf.attention_impl, perf.layer_norm_impl = 'flash', 'pallas'
   with pytest.raises(UserError) as error:
-    targets.refuse_gpu_kernels(model, 'tpu', 'v4-8')
-  assert str(error.value) == ("model.attention_impl='flash' and model.layer_norm_impl='pallas' are GPU kernels, not "
+    targets.refuse_gpu_kernels(perf, 'tpu', 'v4-8')
+  assert str(error.value) == ("perf.attention_impl='flash' and perf.layer_norm_impl='pallas' are GPU kernels, not "
                               'for v4-8: use the default xla on a TPU')
-  model.layer_norm_impl = 'xla'
+  perf.layer_norm_impl = 'xla'
   for kernel in ('flash', 'cudnn'):
-    model.attention_impl = kernel
-    with pytest.raises(UserError, match=f"^model.attention_impl='{kernel}' is a GPU kernel, not for v6e-4"):
-      targets.refuse_gpu_kernels(model, 'tpu', 'v6e-4')
-    targets.refuse_gpu_kernels(model, 'gpu', 'h100')  # what they are written for
+    perf.attention_impl = kernel
+    with pytest.raises(UserError, match=f"^perf.attention_impl='{kernel}' is a GPU kernel, not for v6e-4"):
+      targets.refuse_gpu_kernels(perf, 'tpu', 'v6e-4')
+    targets.refuse_gpu_kernels(perf, 'gpu', 'h100')  # what they are written for
 
 
 @pytest.mark.parametrize('name, chips, hosts, topology', [
@@ -146,6 +143,16 @@ def test_target_names_give_their_chips_and_topology(name, chips, hosts, topology
 def test_unknown_targets_are_refused(name):
   with pytest.raises(ValueError, match=re.escape(name)):
     targets.resolve(name)
+
+
+def test_a_devices_data_sheet_peak_is_its_chips_in_the_table_of_targets():
+  """MFU's peak comes from targets.py's one table, by exact device kind: v5p chips report 'TPU v5', and a
+  PCIe H100 (756 TFLOP/s, not the SXM card's 989) has no data sheet there, so it is measured instead."""
+  device = lambda kind: type('Device', (), {'device_kind': kind})()
+  assert flops.datasheet_peak(device('TPU v5')) == ('TPU v5', targets.TPU_CHIPS['v5p'].peak_tflops) == ('TPU v5', 459.0)
+  assert flops.datasheet_peak(device('NVIDIA H200')) == ('NVIDIA H200', 989.0)
+  assert flops.datasheet_peak(device('TPU v5 lite')) == ('TPU v5 lite', 197.0)
+  assert flops.datasheet_peak(device('NVIDIA H100 PCIe')) is None and flops.datasheet_peak(device('cpu')) is None
 
 
 def test_collectives_count_each_run_and_its_output_bytes():
@@ -236,10 +243,10 @@ def h100_plans(tmp_path_factory) -> dict[str, tuple]:
                            'as .ci/run does')
   env = subprocess_env()
   env.pop('JAX_PLATFORMS')  # the job must keep the plugin from looking for a GPU by itself
-  options = {'pallas': ('--config.model.attention_impl=flash', '--config.model.layer_norm_impl=pallas'),
-             'bfloat16_stream': ('--config.model.stream_dtype=bfloat16',)}
+  options = {'pallas': ('--config.perf.attention_impl=flash', '--config.perf.layer_norm_impl=pallas'),
+             'bfloat16_stream': ('--config.perf.stream_dtype=bfloat16',)}
   dumps = {name: tmp_path_factory.mktemp(name) for name in options}
-  children = {name: _compile(*TINY, '--target=h100', '--config.model.scan_layers=true', *extra,
+  children = {name: _compile(*TINY, '--target=h100', '--config.perf.scan_layers=true', *extra,
                              f'--dump_dir={dumps[name]}', env=env) for name, extra in options.items()}
   return {name: (finish(child), dumps[name]) for name, child in children.items()}
 
@@ -267,7 +274,7 @@ def test_compiles_for_a_gpu_this_machine_does_not_have(h100_plans):
 
 @needs_cuda_plugin
 def test_a_bfloat16_stream_stays_bfloat16_in_the_gpu_program(h100_plans):
-  """model.stream_dtype=bfloat16 under float32 compute with XLA's LayerNorm: the GPU program holds the
+  """perf.stream_dtype=bfloat16 under float32 compute with XLA's LayerNorm: the GPU program holds the
   stream as bf16 [batch, length, d_model] arrays. XLA's GPU compiler, allowed excess precision, drops a
   rounding to bf16 and its reverse, and so kept none before the stream was stored as rounded
   (`layers.stream_and_copy`); a CPU program keeps them either way."""

@@ -15,9 +15,9 @@ import pytest
 from admin_jax.decode import beam_search
 from admin_jax.decode import beam_search_nbest
 from admin_jax.model import Transformer
-from admin_jax.model import TransformerConfig
 from admin_jax.special_tokens import EOS_ID
 from admin_jax.special_tokens import PAD_ID
+from conftest import model_config
 
 VOCAB = 6  # PAD, EOS and 4 tokens that can be emitted (UNK included, as in fairseq)
 FREE_TOKENS = list(range(2, VOCAB))
@@ -26,8 +26,8 @@ ROWS, WIDTH = 96, 10  # the largest reference batch: 84 outputs of up to 4 token
 
 @pytest.fixture(scope='module')
 def model():
-  cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
-                          num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dtype='float32')
+  cfg = model_config(VOCAB, num_encoder_layers=1, num_decoder_layers=1, d_model=16, ffn_dim=32,
+                     num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dtype='float32')
   return Transformer(cfg, rngs=nnx.Rngs(0))
 
 

@@ -77,11 +77,11 @@ def test_speed_smoke_writes_each_run_and_the_decode(smoke_runs):
   table = (out / 'speed.md').read_text()
   for r in records:
     if 'tokens_per_sec' in r:
-      assert r['preset'] == 'tiny' and r['prng_impl'] == 'rbg' and r['stream_dtype'] == 'bfloat16'
+      assert r['config'] == 'configs/bench/tiny.py' and r['prng_impl'] == 'rbg' and r['stream_dtype'] == 'bfloat16'
       assert min(r['tokens_per_sec'], r['mfu'], r['matmul_peak_tflops'], r['compile_seconds'],
                  r['peak_memory_bytes']) > 0
       assert r['scan_layers'] == (r['run'] == 'big18_scanned')
-      assert f'| {r["run"]} | tiny | cpu | {r["tokens_per_sec"] / 1e3:.1f}k |' in table
+      assert f'| {r["run"]} | configs/bench/tiny.py | cpu | {r["tokens_per_sec"] / 1e3:.1f}k |' in table
       assert f'=== {r["run"]}: python -m admin_jax.bench' in (out / 'runs.log').read_text()
   scanned = records[2]
   assert scanned['remat'] == 'dots' and scanned['unrolled_encoder_layers'] == 1

@@ -92,7 +92,7 @@ def test_residual_layer_norm_bf16_branch_gradient(impl, np_rng):
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_residual_layer_norm_in_a_bfloat16_stream(impl, np_rng):
-  """With the residual stream in bf16 (model.stream_dtype) as well as the branch, the output is bf16
+  """With the residual stream in bf16 (perf.stream_dtype) as well as the branch, the output is bf16
   and the copy is the output itself; computed in float32, it and the input gradients are the float64
   formula's on the same bf16 inputs, rounded to bf16 (half a bf16 step: rtol 2^-8), the parameter
   gradients float32 sums (rtol 1e-5), and the backward pass keeps no float32 [batch, length, d] tensor."""

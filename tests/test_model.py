@@ -16,6 +16,7 @@ from admin_jax.model import dropout
 from admin_jax.model import residual as residual_lib
 from admin_jax.model.attention import Visibility
 from admin_jax.model.transformer import decoder_inputs
+from conftest import model_config
 from conftest import packed_batch
 import numpy_reference as ref
 
@@ -27,7 +28,7 @@ def tiny(residual='admin', **overrides) -> TransformerConfig:
   kw = dict(vocab_size=VOCAB, residual=residual, num_encoder_layers=2, num_decoder_layers=2, d_model=16,
             ffn_dim=32, num_heads=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dtype='float32')
   kw.update(overrides)
-  return TransformerConfig(**kw)
+  return model_config(**kw)
 
 
 def forward(model, batch, rng=None):
@@ -197,7 +198,7 @@ def test_admin_logn_model_uses_stack_sizes():
 
 @pytest.mark.parametrize('layer_norm_impl', ['xla', 'pallas'])
 def test_stream_dtype_is_what_every_sublayer_outputs(layer_norm_impl, np_rng):
-  """model.stream_dtype='bfloat16' keeps x_k in bf16 between sublayers: every sublayer output the
+  """perf.stream_dtype='bfloat16' keeps x_k in bf16 between sublayers: every sublayer output the
   encoder's trace records is a bf16 value, and the logits stay within bf16 rounding of the float32
   stream's. With the float32 stream (the default) most outputs are not bf16 values."""
   batch = packed_batch(np_rng, 2, 10, VOCAB, [[4, 6], [10]])
@@ -262,7 +263,7 @@ def _scan_lengths(jaxpr: jax.extend.core.Jaxpr) -> list[int]:
 
 
 def test_layers_unrolled_before_a_scan_change_no_result(np_rng):
-  """Scanned stacks with their first layers unrolled (model.unrolled_encoder_layers and
+  """Scanned stacks with their first layers unrolled (perf.unrolled_encoder_layers and
   unrolled_decoder_layers) scan only the layers after them (two of the encoder's three, none of
   the decoder's two, which asked for more than it has), and are the same function as the scanned
   stacks (which test_scan_equals_python_loop ties to the loop): logits and gradients under dropout,

@@ -15,8 +15,8 @@ from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.errors import UserError
 from admin_jax.model import Transformer
-from admin_jax.model import TransformerConfig
 from admin_jax.model.transformer import decoder_inputs
+from conftest import model_config
 from conftest import packed_batch
 import numpy_reference as ref
 
@@ -26,7 +26,7 @@ VOCAB = 50
 def tiny(**kw):
   base = dict(vocab_size=VOCAB, residual='admin', num_encoder_layers=3, num_decoder_layers=3, d_model=16,
               ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-  return TransformerConfig(**{**base, **kw})
+  return model_config(**{**base, **kw})
 
 
 def numpy_profile(model: Transformer, batch) -> dict[str, list[float]]:

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from admin_jax import bench
+from admin_jax.model import TransformerConfig
 from benchmarks import traffic
+from configs.bench import big18
 
 MIB = 2 ** 20
 
@@ -170,20 +171,23 @@ def test_step_estimate_prices_each_part_of_a_plan_at_its_rate():
           {'kind': triton, 'op_name': 'jit(_backward)/residual_layer_norm_backward/pallas_call', 'bytes': '3000000000'},
           {'kind': 'fusion:kLoop', 'op_name': 'select_n', 'bytes': '2000000000'},
           {'kind': 'copy', 'op_name': 'copy', 'bytes': '1000000000'}]
-  record = step_estimate.estimate('big18', rows, flash_ms_per_layer=2.5)
-  preset = bench.PRESETS['big18']
-  cfg = bench.model_config(preset)
+  config = big18.get_config()
+  record = step_estimate.estimate(config, rows, flash_ms_per_layer=2.5)
+  cfg = TransformerConfig.from_config(config, config.data.vocab_size)
   # big18's matmuls by hand, per token forward: encoder QKV + out + FFN, decoder self QKV + out, cross q + kv +
   # out, FFN; tied logits.
   d, f = cfg.d_model, cfg.ffn_dim
   per_token = 18 * (4 * d * d + 2 * d * f) + 18 * (4 * d * d + 4 * d * d + 2 * d * f) + d * cfg.vocab_size
-  matmul_flops = 3 * 2 * per_token * preset.batch * preset.seq_len
+  matmul_flops = 3 * 2 * per_token * config.data.tokens_per_batch
   expected_ms = {'gemm': 1e3 * matmul_flops / step_estimate.GEMM_FLOPS_PER_S, 'flash': 18 * 2.5,
                  'layer_norm': 1e3 * 3e9 / step_estimate.LAYER_NORM_BYTES_PER_S,
                  'fusions': 1e3 * 3e9 / step_estimate.FUSION_BYTES_PER_S,
                  'gaps': 1e3 * 18 * step_estimate.GAP_S_PER_LAYER}
   assert record['parts_ms'] == pytest.approx(expected_ms, abs=0.05)
   assert record['step_ms'] == pytest.approx(sum(expected_ms.values()), abs=0.05)
-  assert record['tokens_per_sec'] == pytest.approx(preset.batch * preset.seq_len / (record['step_ms'] / 1e3), rel=1e-3)
+  assert record['tokens_per_sec'] == pytest.approx(config.data.tokens_per_batch / (record['step_ms'] / 1e3), rel=1e-3)
   with pytest.raises(app.UsageError, match='no flash attention or Pallas LayerNorm'):
-    step_estimate.estimate('big18', rows[:1] + rows[3:], flash_ms_per_layer=2.5)
+    step_estimate.estimate(config, rows[:1] + rows[3:], flash_ms_per_layer=2.5)
+  config.data.max_len = 128  # not the shape the flash kernels were timed at
+  with pytest.raises(app.UsageError, match='the flash time holds for 2048 rows x heads of 256 tokens'):
+    step_estimate.estimate(config, rows, flash_ms_per_layer=2.5)

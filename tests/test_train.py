@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 
@@ -22,10 +23,10 @@ from admin_jax import sharding
 from admin_jax import train as train_lib
 from admin_jax import train_step as train_step_lib
 from admin_jax.errors import UserError
-from admin_jax.model import TransformerConfig
 from configs import demo
 from conftest import REPO
 from conftest import finish
+from conftest import model_config
 from conftest import packed_batch
 from conftest import python
 from conftest import spawn
@@ -47,8 +48,8 @@ def train_config(**kw) -> ml_collections.ConfigDict:
 
 
 def test_grad_accumulation_equals_one_full_batch(np_rng):
-  cfg = TransformerConfig(vocab_size=40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
-                          ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+  cfg = model_config(40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
+                     ffn_dim=32, num_heads=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   train = train_config(optimizer='adam')
   tx, schedule = optim.make_optimizer(train)
@@ -64,9 +65,9 @@ def test_grad_accumulation_equals_one_full_batch(np_rng):
 
 
 def test_chunked_loss_equals_the_whole_batch_loss(np_rng):
-  cfg = TransformerConfig(vocab_size=40, residual='pre_ln', num_encoder_layers=1, num_decoder_layers=1,
-                          d_model=16, ffn_dim=32, num_heads=2, dropout=0.1, attention_dropout=0.1,
-                          activation_dropout=0.1)
+  cfg = model_config(40, residual='pre_ln', num_encoder_layers=1, num_decoder_layers=1,
+                     d_model=16, ffn_dim=32, num_heads=2, dropout=0.1, attention_dropout=0.1,
+                     activation_dropout=0.1)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   batch = {k: v[None] for k, v in packed_batch(np_rng, 3, 10, 40, [[3, 7], [10], [4]]).items()}
   results = []
@@ -85,9 +86,9 @@ def test_chunked_loss_equals_the_whole_batch_loss(np_rng):
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
 def test_rbg_dropout_keys_train_like_threefry(dropout, np_rng):
   """train.prng_impl changes the dropout masks and nothing else: with dropout off, the same step."""
-  cfg = TransformerConfig(vocab_size=40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
-                          ffn_dim=32, num_heads=2, dropout=dropout, attention_dropout=dropout,
-                          activation_dropout=dropout)
+  cfg = model_config(40, residual='admin', num_encoder_layers=1, num_decoder_layers=1, d_model=16,
+                     ffn_dim=32, num_heads=2, dropout=dropout, attention_dropout=dropout,
+                     activation_dropout=dropout)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   batch = {k: v[None] for k, v in packed_batch(np_rng, 2, 10, 40, [[3, 7], [10]]).items()}
   train = train_config(optimizer='adam')
@@ -107,15 +108,22 @@ def test_rbg_dropout_keys_train_like_threefry(dropout, np_rng):
 
 
 def test_resume_may_change_how_parameters_are_computed_but_not_what_they_are(tmp_path):
+  """A resume may change any perf.* key (but into or out of float16, whose state holds a loss scale), and
+  no model.* key; nor the vocabulary, languages or dropout PRNG."""
   config = demo.get_config()
   cli.write_config(config, str(tmp_path))
-  config.model.scan_layers = not config.model.scan_layers
-  config.model.update(attention_impl='cudnn', attention_dropout=0.0, dtype='bfloat16', remat='full',
-                      unrolled_encoder_layers=1, unrolled_decoder_layers=2)
-  train_lib.check_workdir_compatible(config, str(tmp_path))  # same parameters: accepted
+  config.perf.update(scan_layers=not config.perf.scan_layers, attention_impl='flash', dtype='bfloat16',
+                     remat='full', unrolled_encoder_layers=1, unrolled_decoder_layers=2, stream_dtype='bfloat16',
+                     layer_norm_impl='pallas')
+  assert set(config.perf.to_dict().items()) & set(demo.get_config().perf.to_dict().items()) == set()  # all changed
+  train_lib.check_workdir_compatible(config, str(tmp_path))  # the same parameters: accepted
   config.model.ffn_dim *= 2
+  config.model.attention_dropout = 0.0
   config.train.prng_impl = 'rbg'  # the saved dropout key would not fit
-  with pytest.raises(UserError, match=r"model.ffn_dim \(256 -> 512\), train.prng_impl \('threefry2x32' -> 'rbg'\)"):
+  config.perf.dtype = 'float16'
+  with pytest.raises(UserError, match=re.escape("model.attention_dropout (0.1 -> 0.0), model.ffn_dim (256 -> 512), "
+                                                "train.prng_impl ('threefry2x32' -> 'rbg'), "
+                                                "perf.dtype ('float32' -> 'float16')")):
     train_lib.check_workdir_compatible(config, str(tmp_path))
 
 
@@ -127,11 +135,11 @@ def test_a_workdir_config_of_an_earlier_version_reads_over_the_defaults(tmp_path
   cli.write_config(config, str(tmp_path))
   path = tmp_path / cli.CONFIG_JSON
   saved = json.loads(path.read_text())
-  del saved['model']['stream_dtype'], saved['model']['unrolled_encoder_layers']
+  del saved['perf']['stream_dtype'], saved['perf']['unrolled_encoder_layers']
   path.write_text(json.dumps(saved))
   assert cli.read_config(str(tmp_path)).to_dict() == config.to_dict()  # the demo keeps both at their defaults
   train_lib.check_workdir_compatible(config, str(tmp_path))
-  assert trained_run.saved_config(str(tmp_path)).model.stream_dtype == 'float32'
+  assert trained_run.saved_config(str(tmp_path)).perf.stream_dtype == 'float32'
   refused = [({**saved, 'model': {**saved['model'], 'gone': 1}}, 'has keys this version does not know: model.gone'),
              ({**saved, 'train': {**saved['train'], 'lr': 'fast'}}, "Could not override field 'lr'"),
              ([saved], 'is damaged: not a config of sections of keys')]
@@ -189,8 +197,8 @@ def test_inverse_sqrt_schedule():
 
 
 def test_flop_count_matches_hand_count():
-  cfg = TransformerConfig(vocab_size=10, num_encoder_layers=1, num_decoder_layers=1, d_model=2, ffn_dim=4,
-                          num_heads=1)
+  cfg = model_config(10, num_encoder_layers=1, num_decoder_layers=1, d_model=2, ffn_dim=4,
+                     num_heads=1)
   # One row, 3 source and 5 target tokens. Forward multiply-adds, counted by hand:
   enc = 3 * (2 * 6 + 2 * 2 + 2 * 4 * 2) + 3 * 3 * 2 * 2  # QKV + out + FFN per token; scores + context
   dec_self = 5 * (2 * 6 + 2 * 2) + 5 * 5 * 2 * 2 / 2  # causal: half the score/context work
@@ -211,12 +219,26 @@ TINY_DEMO = ['--config.model.d_model=32', '--config.model.ffn_dim=64', '--config
              '--config.checkpoint.every_steps=20', '--config.eval.every_steps=0']
 
 
-def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
+# A workdir's config.json as it was written before how the model is computed had a section of its own (perf):
+# the demo with TINY_DEMO, every key of today's perf section under model.
+CONFIG_BEFORE_PERF = REPO / 'tests' / 'fixtures' / 'config_before_perf.json'
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory) -> tuple:
+  """The tiny demo trained (and traced) in a workdir holding CONFIG_BEFORE_PERF: (workdir, the run's output)."""
+  workdir = tmp_path_factory.mktemp('demo')
+  shutil.copy(CONFIG_BEFORE_PERF, workdir / cli.CONFIG_JSON)
   traced = ['--config.train.trace_first_step=30', '--config.train.trace_steps=2']
-  out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path}',
+  out = subprocess.run([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={workdir}',
                         *TINY_DEMO, *traced], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out
+
+
+def test_demo_training_reduces_loss_and_leaves_its_artifacts(demo_run):
+  tmp_path, out = demo_run
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses_by_step = [r['loss'] for r in records if 'loss' in r]
   assert len(losses_by_step) == 4 and losses_by_step == sorted(losses_by_step, reverse=True), losses_by_step
@@ -235,10 +257,38 @@ def test_demo_training_reduces_loss_and_leaves_its_artifacts(tmp_path):
   assert [p.stat().st_size > 0 for p in (tmp_path / 'trace').rglob('*.xplane.pb')] == [True]
 
 
+def test_a_workdir_written_before_the_perf_section_resumes_and_translates(demo_run, tmp_path):
+  """Its config.json (CONFIG_BEFORE_PERF) holds perf.* under model.*: the trained demo's checkpoints, beside
+  it, resume with today's names for the same settings, and translate and evaluate."""
+  trained, _ = demo_run
+  saved = cli.read_config(str(trained))
+  assert json.loads(CONFIG_BEFORE_PERF.read_text())['model']['dtype'] == 'float32'  # the fixture's shape
+  assert saved.perf.dtype == 'float32' and 'dtype' not in saved.model  # read in today's shape
+  runs = {}
+  for job in ('train', 'translate', 'evaluate'):
+    shutil.copytree(trained, tmp_path / job)
+    shutil.copy(CONFIG_BEFORE_PERF, tmp_path / job / cli.CONFIG_JSON)
+  (tmp_path / 'source.txt').write_text('a b c\n')
+  runs['train'] = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py',
+                         f'--workdir={tmp_path / "train"}', *TINY_DEMO, '--config.train.num_steps=42',
+                         '--config.perf.scan_layers=true'], subprocess_env())
+  runs['translate'] = spawn([python(), '-m', 'admin_jax.translate', f'--workdir={tmp_path / "translate"}',
+                             f'--input={tmp_path / "source.txt"}', f'--output={tmp_path / "hypotheses.txt"}'],
+                            subprocess_env())
+  runs['evaluate'] = spawn([python(), '-m', 'admin_jax.evaluate', f'--workdir={tmp_path / "evaluate"}',
+                            '--split=valid'], subprocess_env())
+  done = {job: finish(child) for job, child in runs.items()}
+  for job, out in done.items():
+    assert out.returncode == 0, (job, out.stderr[-3000:])
+  assert f'resumed from {tmp_path / "train"}/checkpoints/40' in done['train'].stdout
+  assert cli.read_config(str(tmp_path / 'train')).perf.scan_layers  # rewritten in today's shape
+  assert len((tmp_path / 'hypotheses.txt').read_text().splitlines()) == 1
+
+
 def test_float16_demo_loss_falls_and_a_loss_scale_below_the_threshold_stops_in_one_line(tmp_path):
   omegas = tmp_path / 'omega.json'  # a given profile: no profiling pass to compile
   omegas.write_text(json.dumps({'encoder': [1.0, 1.2, 1.3, 1.4], 'decoder': [1.0, 1.2, 1.3, 1.4, 1.5, 1.6]}))
-  fp16 = ['--config.model.dtype=float16', '--config.eval.every_steps=-1', f'--config.admin.profile_path={omegas}']
+  fp16 = ['--config.perf.dtype=float16', '--config.eval.every_steps=-1', f'--config.admin.profile_path={omegas}']
   falling = spawn([python(), '-m', 'admin_jax.train', '--config=configs/demo.py', f'--workdir={tmp_path / "demo"}',
                    *TINY_DEMO, *fp16], subprocess_env())
   # Adam at lr 1e30 from step 1: the parameters blow up, then every gradient overflows.
@@ -275,7 +325,7 @@ def test_mistyped_config_key_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize('override, message', [
     ('--config.model.residual=postln', "model.residual='postln' is not one of"),
-    ('--config.model.stream_dtype=float16', "model.stream_dtype='float16' is not one of"),
+    ('--config.perf.stream_dtype=float16', "perf.stream_dtype='float16' is not one of"),
     ('--config.model.d_model=abc', 'd_model'),
     ('--no_such_flag=1', "error: Unknown command line flag 'no_such_flag'\n"),  # quotes kept
     ('--config.admin.profile_tokens=32', 'admin.profile_tokens=32 must be 0 (the whole batch) or between'),
@@ -292,7 +342,8 @@ def test_bad_config_values_are_refused_in_one_line(tmp_path, override, message):
     (('model.d_model.x', '3'), "unknown config key 'model.d_model.x'"),
     (('model.num_heads', '2.5'), "config model.num_heads='2.5': expected an integer"),
     (('train.lr', 'fast'), "config train.lr='fast': expected a number"),
-    (('model.scan_layers', 'maybe'), "config model.scan_layers='maybe': expected true or false"),
+    (('perf.scan_layers', 'maybe'), "config perf.scan_layers='maybe': expected true or false"),
+    (('model.dtype', 'float32'), """unknown config key 'model.dtype' (did you mean "perf.dtype"?)"""),
 ])
 def test_overrides_are_checked_against_the_config_keys_and_types(override, message):
   with pytest.raises(UserError, match=re.escape(message)):
@@ -301,7 +352,7 @@ def test_overrides_are_checked_against_the_config_keys_and_types(override, messa
 
 def test_overrides_of_the_right_type_pass():
   cli.check_overrides(demo.get_config(), [('model.num_heads', '8'), ('train.lr', '1'), ('train.lr', '3e-4'),
-                                          ('model.scan_layers', 'True'), ('model.residual', 'anything')])
+                                          ('perf.scan_layers', 'True'), ('model.residual', 'anything')])
 
 
 def test_numeric_config_values_outside_their_range_are_refused():
@@ -352,8 +403,9 @@ def test_config_files_that_give_no_config_are_refused_in_one_line(tmp_path):
 
 def test_pallas_layer_norm_needs_a_power_of_two_width():
   config = demo.get_config()
-  config.model.update(layer_norm_impl='pallas', d_model=384, num_heads=4)
-  with pytest.raises(UserError, match="layer_norm_impl='pallas' needs a power-of-two model.d_model"):
+  config.perf.layer_norm_impl = 'pallas'
+  config.model.update(d_model=384, num_heads=4)
+  with pytest.raises(UserError, match="perf.layer_norm_impl='pallas' needs a power-of-two model.d_model"):
     cli.validate(config)
   config.model.d_model = 256
   cli.validate(config)
@@ -362,14 +414,14 @@ def test_pallas_layer_norm_needs_a_power_of_two_width():
 @pytest.mark.parametrize('key', ['unrolled_encoder_layers', 'unrolled_decoder_layers'])
 def test_layers_unrolled_before_a_scan_need_the_scan(key):
   config = demo.get_config()
-  config.model.update(scan_layers=False, **{key: 2})
-  with pytest.raises(UserError, match=f'model.{key} counts the layers run before a scan: it needs '
-                                      'model.scan_layers=True'):
+  config.perf.update(scan_layers=False, **{key: 2})
+  with pytest.raises(UserError, match=f'perf.{key} counts the layers run before a scan: it needs '
+                                      'perf.scan_layers=True'):
     cli.validate(config)
-  config.model[key] = -1
-  with pytest.raises(UserError, match=f'model.{key} must be non-negative'):
+  config.perf[key] = -1
+  with pytest.raises(UserError, match=f'perf.{key} must be non-negative'):
     cli.validate(config)
-  config.model.update(scan_layers=True, **{key: 2})
+  config.perf.update(scan_layers=True, **{key: 2})
   cli.validate(config)
 
 

@@ -1,6 +1,6 @@
 """The train step's fast paths (attention and LayerNorm kernels, bf16, remat, scan) change no result.
 
-Each path runs one real train step (tiny preset, SGD at learning rate 1, so the update is minus the
+Each path runs one real train step (configs/bench/tiny.py, SGD at learning rate 1, so the update is minus the
 gradient) and is compared with the plain path, loss and every parameter's update, within its tolerance.
 """
 
@@ -17,9 +17,10 @@ from admin_jax import bench
 from admin_jax import sharding
 from admin_jax import train_step as train_step_lib
 from admin_jax.model import Transformer
-from configs import default
+from admin_jax.model import TransformerConfig
+from configs.bench import tiny
 
-TINY = bench.PRESETS['tiny']
+TINY = tiny.get_config()
 
 
 class Tolerance(NamedTuple):
@@ -37,7 +38,7 @@ F32 = Tolerance(loss=1e-5, update=1e-5)
 class FastPath(NamedTuple):
   """Config fields that turn one optimisation on, its tolerance, and fields both paths share.
 
-  The plain path is the tiny preset (float32, unrolled layers, no remat, dropout 0.1) with `shared`
+  The plain path is configs/bench/tiny.py (float32, unrolled layers, no remat, dropout 0.1) with `shared`
   applied; a path that only applies without attention dropout, say, sets attention_dropout=0 there.
   """
   on: dict[str, Any]
@@ -58,7 +59,7 @@ FAST_PATHS = [
     # What GPU runs use: both Pallas kernels under bf16 compute, against XLA's ops under bf16.
     pytest.param(FastPath({'attention_impl': 'flash', 'layer_norm_impl': 'pallas'}, BF16,
                           (('attention_dropout', 0.0), ('dtype', 'bfloat16'))), id='pallas_kernels_bfloat16'),
-    # The residual stream in bf16 too (model.stream_dtype), through the Pallas LayerNorm, carried once by a
+    # The residual stream in bf16 too (perf.stream_dtype), through the Pallas LayerNorm, carried once by a
     # scan with remat=dots (big18's configuration), against bf16 compute.
     pytest.param(FastPath({'stream_dtype': 'bfloat16', 'layer_norm_impl': 'pallas', 'scan_layers': True,
                            'remat': 'dots'}, BF16, (('dtype', 'bfloat16'),)), id='bfloat16_stream'),
@@ -73,8 +74,8 @@ def plain_setup():
   element by element; an adaptive optimizer's first step (about the gradient's sign) would hide
   differences. The fast paths change the graph only, so every variant starts from this state.
   """
-  cfg = bench.model_config(TINY)
-  mesh = sharding.make_mesh(default.get_config().mesh)
+  cfg = TransformerConfig.from_config(TINY, TINY.data.vocab_size)
+  mesh = sharding.make_mesh(TINY.mesh)
   return train_step_lib.create_train_state(cfg, optax.sgd(1.0), optax.constant_schedule(1.0), mesh, seed=0)
 
 
@@ -84,9 +85,9 @@ def _one_step(setup: train_step_lib.Setup, state: train_step_lib.TrainState,
   cfg = dataclasses.replace(setup.model_cfg, **overrides)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   variant = dataclasses.replace(setup, model_cfg=cfg, graphdef=graphdef)
-  local = {k: v[None] for k, v in bench.random_packed_batch(TINY).items()}
+  local = bench.micro_batches(TINY)
   batch = sharding.global_batch(local, setup.mesh, micro_batched=True)
-  step = train_step_lib.jit_train_step(variant, default.get_config().train,
+  step = train_step_lib.jit_train_step(variant, TINY.train,
                                        jax.tree.map(lambda a: a.sharding, batch))
   state = jax.tree.map(lambda a: a.copy(), state)  # the step donates its input
   with jax.set_mesh(setup.mesh):
