@@ -56,11 +56,12 @@ NON_NEGATIVE = ('perf.unrolled_encoder_layers', 'perf.unrolled_decoder_layers', 
                 'train.warmup_init_lr', 'train.warmup_steps', 'train.weight_decay', 'train.clip_norm',
                 'train.loss_chunk_tokens', 'train.trace_steps', 'train.trace_first_step', 'eval.max_sentences',
                 'admin.profile_tokens', 'train.num_epochs', 'checkpoint.every_epochs')
+FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
+             'train.b1', 'train.b2')  # in [0, 1)
+
 # Keys that have moved since a config.json could hold them: how the model is computed left `model` for `perf`.
 # Old workdirs read with them in their new place; an override of an old name is told the new one.
 MOVED = {f'model.{key}': f'perf.{key}' for key in default.get_config().perf}
-FRACTIONS = ('model.dropout', 'model.attention_dropout', 'model.activation_dropout', 'train.label_smoothing',
-             'train.b1', 'train.b2')  # in [0, 1)
 
 
 def _config_argument(argv: list[str]) -> str | None:
