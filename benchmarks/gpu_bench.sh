@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Admin training benchmark on one GPU, all in one device call, from the repository root.
+# The Admin training benchmark on one GPU, several runs in one command, from the repository root.
 # Each argument is one run: a config of configs/bench/ by name, then `admin_jax.bench` flags and config
 # overrides; no argument runs base6, big6 and big18.
 #
@@ -10,10 +10,10 @@
 # Wheels in .whl/, if any, are installed into /tmp/site first (for a Python that lacks the requirements
 # and cannot reach an index). Each run is its own process under RUN_TIMEOUT seconds, so a run
 # that fails, runs out of memory or of time costs only its own line, and peak_memory_bytes (the
-# allocator's peak of the process) is that run's own. JSON lines go to stdout and, when the device
-# tool sets OUT, to $OUT/bench.jsonl; every run's stderr goes to $OUT/runs.log. A run with
-# --trace_dir=DIR also leaves DIR/ops.csv as $OUT/RUN.ops.csv and DIR/hlo.txt as $OUT/RUN.hlo.txt.xz
-# (RUN is the run's number), since the tool brings back at most 8 files.
+# allocator's peak of the process) is that run's own. JSON lines go to stdout and to $OUT/bench.jsonl
+# (OUT defaults to /tmp/admin_bench); every run's stderr goes to $OUT/runs.log. A run with
+# --trace_dir=DIR also leaves DIR/ops.csv as $OUT/RUN.ops.csv and DIR/hlo.txt compressed as
+# $OUT/RUN.hlo.txt.xz (RUN is the run's number), so that one folder holds every result.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
