@@ -2,7 +2,8 @@
 
 One table: each chip's memory, bf16 peak and the source of every figure; each TPU slice size's
 chip count and topology; how a target's name (`v4-32`, `v5litepod-16`, `h100-8`) maps to them.
-`admin_jax/compile.py` compiles for a target, `admin_jax/deviceless.py` makes its devices.
+`admin_jax/compile.py` compiles for a target, `admin_jax/deviceless.py` makes its devices, and
+`admin_jax/flops.py` takes a device's data-sheet peak (for MFU) from here.
 """
 
 import dataclasses
@@ -66,11 +67,6 @@ GPU_CHIPS = {
 }
 GPUS_PER_HOST = 8
 
-def chip_of_kind(device_kind: str) -> Chip | None:
-  """The chip a jax.Device.device_kind names, or None for one this table lacks."""
-  return next((chip for chip in (*TPU_CHIPS.values(), *GPU_CHIPS.values()) if chip.device_kind == device_kind), None)
-
-
 # Kernels written for GPUs (Triton through Pallas, cuDNN), by config key: a TPU runs XLA's ops instead.
 GPU_ONLY_KERNELS = {'attention_impl': ('flash', 'cudnn'), 'layer_norm_impl': ('pallas',)}
 
@@ -115,6 +111,11 @@ def resolve(name: str) -> Target:
   known = ', '.join(f'{p}-N' for g in TPU_GENERATIONS for p in g.prefixes)
   raise ValueError(f'unknown target {name!r}: expected a TPU slice ({known}) or a GPU ({", ".join(GPU_CHIPS)}, '
                    'optionally -N)')
+
+
+def chip_of_kind(device_kind: str) -> Chip | None:
+  """The chip a jax.Device.device_kind names, or None for one this table lacks."""
+  return next((chip for chip in (*TPU_CHIPS.values(), *GPU_CHIPS.values()) if chip.device_kind == device_kind), None)
 
 
 def refuse_gpu_kernels(perf: ml_collections.ConfigDict, platform: str, where: str) -> None:
