@@ -80,10 +80,7 @@ def random_packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> di
 
 def micro_batches(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """train.grad_accum random micro-batches of data.tokens_per_batch // data.max_len rows, stacked."""
-  rows = config.data.tokens_per_batch // config.data.max_len
-  if rows < 1:
-    raise UserError(f'data.tokens_per_batch={config.data.tokens_per_batch} is less than one row of '
-                    f'data.max_len={config.data.max_len} tokens')
+  rows = config.data.tokens_per_batch // config.data.max_len  # at least one: cli.validate refuses fewer
   batches = [random_packed_batch(rows, config.data.max_len, config.data.vocab_size, seed)
              for seed in range(config.train.grad_accum)]
   return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}

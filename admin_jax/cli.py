@@ -190,6 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'perf.scan_layers=True (without it every layer is unrolled)')
   if config.model.d_model % 2:
     raise UserError('config model.d_model must be even (sinusoidal positions)')
+  if config.data.tokens_per_batch < config.data.max_len:
+    raise UserError(f'config data.tokens_per_batch={config.data.tokens_per_batch} is less than one row of '
+                    f'data.max_len={config.data.max_len} tokens')
   profile_tokens = config.admin.profile_tokens
   if profile_tokens and not config.data.max_len <= profile_tokens <= config.data.tokens_per_batch:
     raise UserError(f'config admin.profile_tokens={config.admin.profile_tokens} must be 0 (the whole batch) or '

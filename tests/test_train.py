@@ -368,7 +368,8 @@ def test_numeric_config_values_outside_their_range_are_refused():
     with pytest.raises(UserError, match=re.escape(f'config {key} must be {wanted}, got {bad}')):
       cli.validate(config)
     config[section][name] = good
-    if key != 'model.d_model':  # a width of 1 is odd and does not split into the demo's 4 heads
+    # A width of 1 is odd and does not split into the demo's 4 heads; one token holds no row of 64.
+    if key not in ('model.d_model', 'data.tokens_per_batch'):
       cli.validate(config)
 
 
@@ -399,6 +400,18 @@ def test_config_files_that_give_no_config_are_refused_in_one_line(tmp_path):
     assert lines[-1].startswith(tuple(prefix + message for prefix in prefixes)), out.stderr
     # ml_collections itself warns about a get_config without a return value, on lines of its own.
     assert len(lines) == 1 or config.endswith('no_return.py'), out.stderr
+
+
+def test_a_micro_batch_of_less_than_one_row_is_refused():
+  """Every job's config check, so that train, bench and compile all refuse it the same way (a zero-row
+  batch would otherwise split evenly over any mesh)."""
+  config = demo.get_config()
+  config.data.tokens_per_batch = config.data.max_len - 1
+  with pytest.raises(UserError, match=re.escape('config data.tokens_per_batch=63 is less than one row of '
+                                                'data.max_len=64 tokens')):
+    cli.validate(config)
+  config.data.tokens_per_batch = config.data.max_len
+  cli.validate(config)
 
 
 def test_pallas_layer_norm_needs_a_power_of_two_width():
